@@ -1,0 +1,96 @@
+"""The ``xmodal`` command line: thin, it parses arguments and calls the library.
+
+Each sub-command lives in its own module under :mod:`xmodal.cli` and registers itself
+with :func:`command`; user errors (:class:`xmodal.errors.XmodalError`) print one line and
+exit with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import XmodalError
+
+_COMMAND_MODULES = (
+    "demo", "evaluate_embeddings", "train", "evaluate", "extract",
+    "index", "search", "retrieve_corpus", "serve", "synthesis",
+)
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+_COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str):
+    """Register ``run(args)``; the decorated function gets ``.arguments`` attached by :func:`arguments`."""
+
+    def deco(fn):
+        add = getattr(fn, "_add_arguments", lambda p: None)
+        _COMMANDS[name] = Command(name, help, add, fn)
+        return fn
+
+    return deco
+
+
+def arguments(add: Callable[[argparse.ArgumentParser], None]):
+    def deco(fn):
+        fn._add_arguments = add
+        return fn
+
+    return deco
+
+
+def _load_commands() -> None:
+    for mod in _COMMAND_MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{mod}":
+                continue  # command not built yet
+            raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_commands()
+    parser = argparse.ArgumentParser(prog="xmodal", description="Cross-modal image-text retrieval.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in _COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args._run(args)
+    except XmodalError as exc:
+        print(f"xmodal {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"xmodal {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""``xmodal eval RUN [--split test] [--protocol P] [--json]``."""
+from __future__ import annotations
+
+import json
+import sys
+
+from . import arguments, command
+
+
+def _args(p) -> None:
+    p.add_argument("run", help="run folder written by xmodal train")
+    p.add_argument("--split", default=None, help="split to evaluate (default: the config's test split)")
+    p.add_argument("--protocol", default=None, help="full, coco1k, coco5k, f30k1k, recipe1k, recipe10k")
+    p.add_argument("--lang", default=None, help="caption language (default: the config's eval_lang)")
+    p.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint folder")
+    p.add_argument("--rerank-k", type=int, default=None, help="two-stage shortlist size for pair scorers")
+    p.add_argument("--report", default=None, help="write report.html / PNGs / metrics.json into this folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the metric keys")
+
+
+@command("eval", help="evaluate a trained run on a split")
+@arguments(_args)
+def run(args) -> int:
+    from ..eval.encode import evaluate_split
+    from ..models import load
+    from ..train.pipeline import prepare_split
+
+    model = load(args.run, checkpoint=args.checkpoint)
+    cfg = model.xmodal_config
+    split = args.split or cfg.data.test_split
+    lang = args.lang or cfg.data.eval_lang
+    progress = sys.stderr.isatty() and not args.json
+    data = prepare_split(cfg, model, split, lang, progress=progress)
+    res = evaluate_split(model, data, protocol=args.protocol or cfg.eval.protocol,
+                         block_size=cfg.eval.block_size, progress=progress, return_ranks=bool(args.report),
+                         rerank_k=cfg.eval.rerank_k if args.rerank_k is None else args.rerank_k)
+    metrics = res["metrics"]
+    if args.report:
+        from ..demo import write_run_report
+
+        write_run_report(args.report, model, data, res, title=f"xmodal eval {args.run} ({split}, {lang})")
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        from ..eval.report import print_metrics
+
+        print_metrics(metrics, title=f"{args.run}  split={split}  lang={lang}  ({res['seconds']:.1f} s)")
+    return 0

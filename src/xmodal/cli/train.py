@@ -1,0 +1,33 @@
+"""``xmodal train CONFIG --out RUN [key=value ...]``."""
+from __future__ import annotations
+
+import sys
+
+from . import arguments, command
+
+
+def _args(p) -> None:
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4 train.steps=500")
+    p.add_argument("--out", required=True, help="run folder (created)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@command("train", help="train a model from a config")
+@arguments(_args)
+def run(args) -> int:
+    from rich.console import Console
+
+    from ..config import load_config
+    from ..train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    console = Console(stderr=True)
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty(),
+                    console=console)
+    console.print(f"run:     {summary['run_dir']}")
+    console.print(f"best:    {summary['run_dir']}/best (step {summary['best_step']})")
+    console.print(f"logs:    {summary['run_dir']}/metrics.jsonl, {summary['run_dir']}/tensorboard")
+    console.print(f"next:    xmodal eval {summary['run_dir']} --split test")
+    return 0

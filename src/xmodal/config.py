@@ -1,0 +1,311 @@
+"""Typed configuration: dataclasses filled from YAML with includes and dotted overrides.
+
+A YAML file may start with ``include: other.yaml`` (or a list); included files are merged
+first, then the file's own keys, then command-line overrides such as ``optim.lr=2e-4``.
+Every key is checked against the dataclass tree: an unknown key is an error naming the key
+and the valid ones, a value of the wrong type is an error naming the field. The resolved
+config is saved beside every run and checkpoint (:func:`to_dict`, :func:`save`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    format: str = "emoji"
+    #: dataset location; for ``emoji`` the word ``emoji`` means the packaged dataset
+    path: str = "emoji"
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    #: caption language used for training (``all`` = every language the data has)
+    train_lang: str = "en"
+    #: caption language used for validation and testing
+    eval_lang: str = "en"
+    #: extra keyword options for the training split's reader (e.g. emoji ``captions: label+tags``)
+    train_options: dict = field(default_factory=dict)
+    #: extra keyword options for every split's reader
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TowerConfig:
+    #: registered tower name (``xmodal.models.base.IMAGE_TOWERS`` / ``TEXT_TOWERS``)
+    name: str = ""
+    #: constructor keyword arguments of the tower
+    args: dict = field(default_factory=dict)
+    #: frozen towers run once over the data and their outputs are cached
+    frozen: bool = True
+
+
+@dataclass
+class HeadConfig:
+    #: ``pooled`` uses the tower's pooled vector; ``tokens`` pools the tokens with ``pooling``
+    input: str = "pooled"
+    pooling: str = "mean"
+    pooling_args: dict = field(default_factory=dict)
+    #: ``linear``, ``mlp`` (2 layers, residual linear as VSE-infinity) or ``identity``
+    proj: str = "linear"
+    hidden_dim: int = 1024
+    dropout: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    #: registered model type (``xmodal.models.MODELS``)
+    type: str = "dual_encoder"
+    embed_dim: int = 256
+    image: TowerConfig = field(default_factory=lambda: TowerConfig("efficientnet_lite0", {"image_size": 160}))
+    text: TowerConfig = field(default_factory=lambda: TowerConfig("hf", {}))
+    image_head: HeadConfig = field(default_factory=HeadConfig)
+    text_head: HeadConfig = field(default_factory=HeadConfig)
+    #: model-type specific keyword arguments
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    name: str = "infonce"
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    #: ``cosine``, ``step`` or ``constant``, after ``warmup_steps`` of linear warmup
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    step_size: int = 1000
+    gamma: float = 0.1
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 128
+    eval_every: int = 200
+    #: stop after this many evaluations without a better validation rsum (0 = never)
+    early_stop: int = 0
+    log_every: int = 20
+    seed: int = 0
+    device: str = "cpu"
+    #: ``none``, ``bf16`` or ``fp16`` (CUDA only)
+    amp: str = "none"
+    keep_checkpoints: int = 2
+    checkpoint_every: int = 0
+    tensorboard: bool = True
+    extract_batch_size: int = 64
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "full"
+    block_size: int = 1024
+    #: two-stage evaluation of pair scorers: shortlist size (0 = exact)
+    rerank_k: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ------------------------------------------------------------------------------------------
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: include cycle through {' -> '.join(map(str, seen))}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping, got {type(data).__name__}")
+    includes = data.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        merged = _deep_merge(merged, _read_yaml(path.parent / inc, seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not _is_free_dict_key(k):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _is_free_dict_key(key: str) -> bool:
+    return False
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. optim.lr=2e-4")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _set_dotted(tree: dict, keys: list[str], value: Any) -> None:
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[k] = nxt
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    return value
+
+
+def _build(cls: type, data: Any, where: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}; valid keys{' of ' + where if where else ''}: "
+                              f"{', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    obj = cls()
+    for key, value in kwargs.items():
+        cur = getattr(obj, key)
+        if dataclasses.is_dataclass(cur) and isinstance(data[key], dict):
+            # merge onto the default sub-config so partial sections keep other defaults
+            merged = _merge_dataclass(cur, data[key], f"{where}.{key}" if where else key)
+            setattr(obj, key, merged)
+        else:
+            setattr(obj, key, value)
+    return obj
+
+
+def _merge_dataclass(obj: Any, data: dict, where: str):
+    base = to_dict(obj)
+    return _build(type(obj), _deep_merge(base, data), where)
+
+
+def from_dict(data: dict) -> Config:
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (with includes), apply dotted overrides, validate and return it."""
+    tree = _read_yaml(Path(path)) if path is not None else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_dotted(tree, keys, value)
+    return from_dict(tree)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from .utils import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_hash(cfg: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,67 @@
+"""Encode a prepared split with a model and evaluate it with the streaming engine.
+
+Only a model's encode / score methods are used here: embedding scorers are encoded once
+per item and ranked by the engine; pair scorers go through block scoring (and, later,
+two-stage re-ranking).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models.base import EmbeddingScorer, PairScorer
+from ..progress import track
+
+
+@torch.inference_mode()
+def encode_all(fn: Any, inputs: Any, n: int, batch_size: int = 256, description: str = "",
+               progress: bool = False, device: str | torch.device = "cpu") -> torch.Tensor:
+    """``fn(inputs(idx))`` over ``0..n-1`` in batches, concatenated on the CPU."""
+    out = []
+    for start in track(range(0, n, batch_size), description=description, enabled=progress):
+        idx = np.arange(start, min(n, start + batch_size))
+        out.append(fn(inputs(idx, device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def embed_split(model: EmbeddingScorer, split, batch_size: int = 256, progress: bool = False,
+                device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    ds = split.dataset
+    img = encode_all(model.encode_image, split.images, ds.num_images, batch_size, "encoding images", progress, device)
+    txt = encode_all(model.encode_text, split.texts, ds.num_texts, batch_size, "encoding texts", progress, device)
+    return img, txt
+
+
+def evaluate_split(model: Any, split, *, protocol: str = "full", block_size: int = 1024,
+                   batch_size: int = 256, progress: bool = False, device: str | torch.device = "cpu",
+                   return_ranks: bool = False, rerank_k: int = 0) -> dict:
+    """Metrics (the engine's keys) of ``model`` on a prepared split, plus timing."""
+    from .metrics import evaluate_embeddings
+
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        if isinstance(model, PairScorer) and not isinstance(model, EmbeddingScorer):
+            from .pairs import evaluate_pair_scorer
+
+            result = evaluate_pair_scorer(model, split, protocol=protocol, block_size=block_size,
+                                          batch_size=batch_size, progress=progress, device=device,
+                                          return_ranks=return_ranks, rerank_k=rerank_k)
+        else:
+            img, txt = embed_split(model, split, batch_size, progress, device)
+            result = {"metrics": evaluate_embeddings(img, txt, split.dataset.gt, protocol=protocol,
+                                                     block_size=block_size)}
+            if return_ranks:
+                from .metrics import ranks_from_embeddings
+
+                result["i2t_ranks"], result["t2i_ranks"] = ranks_from_embeddings(img, txt, split.dataset.gt,
+                                                                                 block_size=block_size)
+                result["image_emb"], result["text_emb"] = img, txt
+    finally:
+        model.train(was_training)
+    result["seconds"] = time.perf_counter() - t0
+    return result

@@ -1,0 +1,81 @@
+"""Interfaces shared by every tower and model.
+
+Every tower returns a :class:`TowerOutput`: tokens ``(B, N, D)``, a pooled vector ``(B, D)``
+and an optional padding mask ``(B, N)`` (True = real token). A model is either an
+:class:`EmbeddingScorer` (scores are dot products of independently computed embeddings,
+so collections can be indexed) or a :class:`PairScorer` (a score needs both sides at
+once; it re-ranks a shortlist). ``index/`` and ``eval/`` tell them apart with
+``isinstance``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+
+
+@dataclass
+class TowerOutput:
+    tokens: torch.Tensor  # (B, N, D)
+    pooled: torch.Tensor  # (B, D)
+    mask: torch.Tensor | None = None  # (B, N) bool, True where a token is real
+
+
+class ImageTower(nn.Module):
+    """Maps an image batch (pixels ``(B, 3, H, W)`` or features) to a :class:`TowerOutput`."""
+
+    output_dim: int
+    #: "pixels" for backbones over images, "features" for precomputed feature rows
+    input_kind: str = "features"
+
+    def forward(self, images: Any) -> TowerOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class TextTower(nn.Module):
+    """Maps a list of strings, via :meth:`tokenize`, to a :class:`TowerOutput`."""
+
+    output_dim: int
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> TowerOutput:  # pragma: no cover
+        raise NotImplementedError
+
+
+class EmbeddingScorer(nn.Module):
+    """Scores are ``encode_image(x) @ encode_text(t).T`` on L2-normalised embeddings."""
+
+    def encode_image(self, images: Any, normalize: bool = True) -> torch.Tensor:  # (B, D)
+        raise NotImplementedError
+
+    def encode_text(self, texts: Any, normalize: bool = True) -> torch.Tensor:  # (B, D)
+        raise NotImplementedError
+
+
+class PairScorer(nn.Module):
+    """Scores need both sides: ``score(image_reps, text_reps) -> (Ni, Nt)``.
+
+    ``image_reps`` / ``text_reps`` are whatever :meth:`encode_image_reps` /
+    :meth:`encode_text_reps` return (e.g. region tokens), computed once per item.
+    """
+
+    def encode_image_reps(self, images: Any) -> Any:
+        raise NotImplementedError
+
+    def encode_text_reps(self, texts: Any) -> Any:
+        raise NotImplementedError
+
+    def score(self, image_reps: Any, text_reps: Any) -> torch.Tensor:  # (Ni, Nt)
+        raise NotImplementedError
+
+
+IMAGE_TOWERS: Registry[ImageTower] = Registry("image tower")
+TEXT_TOWERS: Registry[TextTower] = Registry("text tower")
+POOLING: Registry[nn.Module] = Registry("pooling head")
+HEADS: Registry[nn.Module] = Registry("head")

@@ -1,0 +1,243 @@
+"""The training loop: one for every method.
+
+It builds the model, the loss and the task from a config, prepares the train and
+validation splits (caching frozen towers), and runs optimizer steps with warmup + cosine
+or step schedules, gradient clipping, AMP on CUDA, periodic evaluation with the streaming
+engine, best checkpoint by validation rsum, early stopping, and exact resume.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from .. import config as C
+from ..errors import ConfigError, XmodalError
+from ..utils import atomic_write_json, atomic_write_text, resolve_device, seed_everything
+from .checkpoint import latest_checkpoint, restore_checkpoint, save_best, save_checkpoint
+from .data import Batch, BatchOrder, positive_mask
+from .task import build_task
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, cfg: C.OptimConfig, total: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** ((step - cfg.warmup_steps) // max(cfg.step_size, 1))
+    if cfg.schedule == "cosine":
+        span = max(total - cfg.warmup_steps, 1)
+        t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    raise ConfigError(f"optim.schedule: unknown schedule {cfg.schedule!r}; choose cosine, step or constant")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: C.OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    kw: dict[str, Any] = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    betas = tuple(float(b) for b in cfg.betas)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, betas=betas, **kw)
+    if cfg.name == "adamw":
+        fused = device.type == "cuda"
+        return torch.optim.AdamW(params, betas=betas, fused=fused or None, **kw)
+    if cfg.name == "adamax":
+        return torch.optim.Adamax(params, betas=betas, **kw)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, momentum=0.9, **kw)
+    raise ConfigError(f"optim.name: unknown optimizer {cfg.name!r}; choose adam, adamw, adamax or sgd")
+
+
+class MetricLog:
+    """JSONL metric log (always) + TensorBoard (when installed and enabled)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log.info("tensorboard not installed; logging to %s only", self.path)
+
+    def write(self, step: int, kind: str, values: dict[str, float]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: C.Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+          console: Any = None) -> dict:
+    """Train ``cfg`` into ``run_dir``; returns a summary (best step, best metrics, paths)."""
+    from rich.console import Console
+
+    from ..eval.encode import evaluate_split
+    from ..losses import create_loss
+    from ..models import create_model
+    from ..progress import make_progress
+    from .pipeline import prepare_split
+
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir)
+    config_yaml = yaml.safe_dump(C.to_dict(cfg), sort_keys=False)
+    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if ckpt is not None and not resume:
+        raise XmodalError(f"{run_dir}: already holds a run (checkpoint {ckpt.name}); "
+                          f"pass --resume to continue it or choose another --out")
+    if resume and ckpt is not None:
+        saved = (ckpt / "config.yaml").read_text()
+        if saved != config_yaml:
+            raise XmodalError(f"{run_dir}: --resume with a different config than the run's "
+                              f"({ckpt / 'config.yaml'}); resume with the same config and overrides")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", config_yaml)
+
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    model = create_model(cfg.model)
+    loss = create_loss(cfg.loss.name, **cfg.loss.args)
+    task = build_task(model, loss)
+    if hasattr(model, "prepare_training"):
+        model.prepare_training(cfg, run_dir)
+
+    t0 = time.perf_counter()
+    train_split = prepare_split(cfg, model, cfg.data.train_split, cfg.data.train_lang, training=True,
+                                progress=progress)
+    val_split = prepare_split(cfg, model, cfg.data.val_split, cfg.data.eval_lang, progress=progress)
+    prep_seconds = time.perf_counter() - t0
+    console.print(f"[bold]train[/] {train_split.dataset.summary()}")
+    console.print(f"[bold]val[/]   {val_split.dataset.summary()}")
+
+    task.to(device)
+    params = [p for p in task.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: every parameter is frozen")
+    optimizer = make_optimizer(params, cfg.optim, device)
+    order = BatchOrder(train_split.dataset.gt, cfg.train.batch_size, cfg.train.seed)
+
+    state: dict[str, Any] = {"best_rsum": -1.0, "best_step": -1, "best_metrics": None, "bad_evals": 0,
+                             "elapsed": 0.0}
+    start = 0
+    if resume and ckpt is not None:
+        state.update(restore_checkpoint(ckpt, model, loss, optimizer))
+        start = int(state["step"])
+        console.print(f"resuming {run_dir} from step {start}")
+    state.pop("optimizer", None)
+    metric_log = MetricLog(run_dir, cfg.train.tensorboard)
+
+    amp = cfg.train.amp
+    if amp not in ("none", "bf16", "fp16"):
+        raise ConfigError(f"train.amp: expected none, bf16 or fp16, got {amp!r}")
+    use_amp = amp != "none" and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp == "fp16" else None
+    amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+
+    def evaluate(step: int) -> dict:
+        res = evaluate_split(model, val_split, protocol="full", block_size=cfg.eval.block_size,
+                             device=device, rerank_k=cfg.eval.rerank_k)
+        m = res["metrics"]
+        metric_log.write(step, "val", m)
+        improved = m["rsum"] > state["best_rsum"]
+        if improved:
+            state.update(best_rsum=m["rsum"], best_step=step, best_metrics=m, bad_evals=0)
+            save_best(run_dir, step, model, m, config_yaml, getattr(model, "artifact_files", lambda: {})())
+        else:
+            state["bad_evals"] += 1
+        console.print(f"step {step:>6}  val rsum {m['rsum']:.1f}  t2i R@1 {m['t2i_r1']:.1f}  "
+                      f"i2t R@1 {m['i2t_r1']:.1f}{'  (best)' if improved else ''}")
+        return m
+
+    total = cfg.train.steps
+    step = start
+    stopped_early = False
+    task.train()
+    t_train = time.perf_counter()
+    with make_progress() if progress else _NullProgress() as prog:
+        bar = prog.add_task("training", total=total, completed=start)
+        while step < total:
+            lr = lr_at(step, cfg.optim, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            text_idx, image_idx = order.batch(step)
+            batch = Batch(text_idx, image_idx,
+                          positive_mask(train_split.dataset.gt, image_idx, text_idx),
+                          train_split.images(image_idx, device), train_split.texts(text_idx, device))
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                losses, metrics = task.training_step(batch, step)
+            total_loss = sum(losses.values())
+            if not torch.isfinite(total_loss):
+                raise XmodalError(f"step {step}: loss is {float(total_loss)}; lower optim.lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(total_loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                total_loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            step += 1
+            prog.update(bar, completed=step)
+            if cfg.train.log_every and step % cfg.train.log_every == 0:
+                metric_log.write(step, "train", {"loss": float(total_loss), "lr": lr,
+                                                 **{k: float(v) for k, v in losses.items()}, **metrics})
+            did_eval = False
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+                evaluate(step)
+                did_eval = True
+                if cfg.train.early_stop and state["bad_evals"] >= cfg.train.early_stop:
+                    stopped_early = True
+            if step == total:
+                evaluate(step)
+                did_eval = True
+            every = cfg.train.checkpoint_every or cfg.train.eval_every
+            if (every and step % every == 0) or did_eval or step == total or stopped_early:
+                state["elapsed"] = float(state.get("elapsed", 0.0)) + (time.perf_counter() - t_train)
+                t_train = time.perf_counter()
+                save_checkpoint(run_dir, step, model, loss, optimizer, state, config_yaml,
+                                keep=cfg.train.keep_checkpoints)
+            if stopped_early:
+                console.print(f"early stop at step {step}: no better val rsum in {cfg.train.early_stop} evaluations")
+                break
+    metric_log.close()
+    summary = {"run_dir": str(run_dir), "steps": step, "best_step": state["best_step"],
+               "best_val": state["best_metrics"], "stopped_early": stopped_early,
+               "train_seconds": state["elapsed"], "prepare_seconds": prep_seconds}
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+class _NullProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def update(self, *a, **k):
+        pass

@@ -1,0 +1,141 @@
+"""Turn a config + model into per-split inputs: datasets, cached frozen-tower outputs.
+
+Shared by training, ``xmodal eval`` and the demo, so that a split is prepared the same way
+everywhere. Frozen pixel towers go through the feature cache (:mod:`xmodal.features`);
+frozen text towers are run once over the captions and cached too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.base import CrossModalDataset, load_dataset
+from ..errors import ConfigError
+from ..models.base import TowerOutput
+from .data import CachedOutputs, FeatureRows, PixelImages, RawTexts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitInputs:
+    dataset: CrossModalDataset
+    images: Any  # callable idx -> model image input
+    texts: Any  # callable idx -> model text input
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XMODAL_CACHE", Path.home() / ".cache" / "xmodal"))
+
+
+def resolve_data_path(fmt: str, path: str) -> str:
+    if fmt == "emoji" and path in ("emoji", "", "default"):
+        from ..data.emoji import default_path
+
+        return str(default_path())
+    return path
+
+
+def load_split(cfg, split: str, lang: str | None, training: bool = False) -> CrossModalDataset:
+    d = cfg.data
+    options = dict(d.options)
+    if training:
+        options.update(d.train_options)
+    if d.format == "emoji":
+        options.setdefault("lang", lang or "en")
+    ds = load_dataset(d.format, resolve_data_path(d.format, d.path), split, **options)
+    if d.format != "emoji" and lang not in (None, "any", "all"):
+        if ds.langs is not None:
+            ds = ds.filter_lang(lang)
+    return ds
+
+
+def _tower_spec(tcfg) -> dict:
+    return {"name": tcfg.name, "args": tcfg.args}
+
+
+def image_inputs(cfg, model, ds: CrossModalDataset, head_input: str, progress: bool = True) -> tuple[CrossModalDataset, Any]:
+    tower = getattr(model, "image_tower", None)
+    kind = getattr(tower, "input_kind", "features")
+    if kind == "pixels":
+        if cfg.model.image.frozen:
+            from ..features import apply_valid, cached_features
+
+            fs = cached_features(ds, tower, _tower_spec(cfg.model.image),
+                                 cache_root=cache_root() / "features", grid=(head_input == "tokens"),
+                                 batch_size=cfg.train.extract_batch_size, progress=progress)
+            ds = apply_valid(ds, fs)
+            valid = np.flatnonzero(np.asarray(fs.valid))
+            pooled = fs.pooled if len(valid) == len(fs.valid) else np.asarray(fs.pooled)[valid]
+            grid = None
+            if head_input == "tokens":
+                grid = fs.grid if len(valid) == len(fs.valid) else np.asarray(fs.grid)[valid]
+            return ds, CachedOutputs(pooled, grid)
+        return ds, PixelImages(ds, tower.preprocess)
+    if ds.image_features is None:
+        raise ConfigError(f"image tower {cfg.model.image.name!r} reads feature rows, but dataset "
+                          f"{ds.name}/{ds.split} has no image features; use a pixel tower")
+    return ds, FeatureRows(ds.image_features, ds.image_boxes)
+
+
+@torch.inference_mode()
+def encode_texts_cached(tower, tcfg, captions: list[str], *, tokens: bool, batch_size: int = 256,
+                        progress: bool = True) -> CachedOutputs:
+    """Run a frozen text tower once over ``captions``; cached on disk by content hash."""
+    from safetensors.numpy import load_file, save_file
+
+    from ..progress import track
+    from ..utils import atomic_write
+
+    h = hashlib.sha256(json.dumps({"spec": _tower_spec(tcfg), "tokens": tokens}, sort_keys=True).encode())
+    for c in captions:
+        h.update(c.encode("utf-8", "surrogatepass") + b"\0")
+    path = cache_root() / "text" / f"{h.hexdigest()[:24]}.safetensors"
+    if path.exists():
+        arrays = load_file(str(path))
+        return CachedOutputs(arrays["pooled"], arrays.get("tokens"), arrays.get("mask"))
+    tower.eval()
+    pooled, toks, masks = [], [], []
+    for start in track(range(0, len(captions), batch_size), description="encoding texts (frozen tower)",
+                       enabled=progress):
+        out: TowerOutput = tower(tower.tokenize(captions[start:start + batch_size]))
+        pooled.append(out.pooled.float().cpu().numpy())
+        if tokens:
+            toks.append(out.tokens.to(torch.float16).cpu().numpy())
+            m = out.mask if out.mask is not None else torch.ones(out.tokens.shape[:2], dtype=torch.bool)
+            masks.append(m.cpu().numpy())
+    arrays = {"pooled": np.concatenate(pooled).astype(np.float32)}
+    if tokens:
+        width = max(t.shape[1] for t in toks)
+        pad = lambda a, v: np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=v)  # noqa: E731
+        arrays["tokens"] = np.concatenate([pad(t, 0) for t in toks])  # (M, L, D)
+        arrays["mask"] = np.concatenate([pad(m, False) for m in masks])  # (M, L)
+    atomic_write(path, lambda p: save_file(arrays, str(p)))
+    return CachedOutputs(arrays["pooled"], arrays.get("tokens"), arrays.get("mask"))
+
+
+def text_inputs(cfg, model, ds: CrossModalDataset, head_input: str, progress: bool = True) -> Any:
+    tower = getattr(model, "text_tower", None)
+    if tower is not None and cfg.model.text.frozen:
+        return encode_texts_cached(tower, cfg.model.text, ds.captions, tokens=(head_input == "tokens"),
+                                   progress=progress)
+    return RawTexts(ds.captions)
+
+
+def prepare_split(cfg, model, split: str, lang: str | None, *, training: bool = False,
+                  progress: bool = True) -> SplitInputs:
+    """Load a split and build the inputs the model consumes for it."""
+    ds = load_split(cfg, split, lang, training=training)
+    needs = getattr(model, "input_needs", None)
+    img_in, txt_in = needs() if callable(needs) else (cfg.model.image_head.input, cfg.model.text_head.input)
+    ds, images = image_inputs(cfg, model, ds, img_in, progress)
+    texts = text_inputs(cfg, model, ds, txt_in, progress)
+    return SplitInputs(ds, images, texts)

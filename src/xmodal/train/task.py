@@ -1,0 +1,42 @@
+"""Tasks own a model and its loss: ``training_step(batch) -> (losses, metrics)``.
+
+The loop knows no method; a method brings a task (registered in ``TASKS``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+from .data import Batch
+
+TASKS: Registry = Registry("task")
+
+
+class ContrastiveTask(nn.Module):
+    """Embedding scorers: encode both sides, apply a batch loss over the positives mask."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def training_step(self, batch: Batch, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        img = self.model.encode_image(batch.images)  # (B, D)
+        txt = self.model.encode_text(batch.texts)  # (B, D)
+        out = self.loss(img, txt, pos_mask=batch.pos_mask.to(img.device), step=step)
+        losses = {k: v for k, v in out.items() if k.endswith("_loss")}
+        metrics = {k: float(v) for k, v in out.items() if not k.endswith("_loss")}
+        return losses, metrics
+
+
+@TASKS.register("contrastive")
+def _contrastive(model: nn.Module, loss: nn.Module) -> ContrastiveTask:
+    return ContrastiveTask(model, loss)
+
+
+def build_task(model: nn.Module, loss: nn.Module) -> Any:
+    """Pick the task a model declares (``model.task``), else contrastive."""
+    return TASKS.create(getattr(model, "task_name", "contrastive"), model, loss)
