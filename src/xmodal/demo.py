@@ -122,7 +122,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, overrides: t
         hits = ", ".join(f"{_describe(ds, i)} ({s:.2f})" for i, s in zip(idx, sc))
         console.print(f"  {text!r:18} -> {hits}")
     console.print(f"metrics: {files['metrics']}")
-    for key in ("html", "curve", "grid"):
+    for key in ("html", "recall_curve", "queries"):
         if key in files:
             console.print(f"report:  {files[key]}")
     console.print(f"run:     {run_dir}  (logs: {run_dir / 'metrics.jsonl'})")
