@@ -167,7 +167,7 @@ class CrossModalDataset:
     captions: list[str]
     gt: GroundTruth
     image_paths: list[str] | None = None
-    image_features: np.ndarray | None = None  # (N, D) pooled or (N, R, D) regions
+    image_features: np.ndarray | None = None  # (N, D) pooled or (N, R, D) regions; or a lazy array-like
     image_boxes: np.ndarray | None = None  # (N, R, B) box / position features
     image_hashes: list[str] | None = None
     langs: list[str] | None = None
@@ -228,14 +228,18 @@ class CrossModalDataset:
         """A view with only the given images; texts left without an image are dropped."""
         keep = np.asarray(keep, dtype=np.int64)
         gt = self.gt.subset(np.arange(self.num_texts), keep)
+        meta = self.meta
+        if hasattr(meta.get("pixels"), "select"):  # keep lazy pixel sources aligned with the images
+            meta = {**meta, "pixels": meta["pixels"].select(keep)}
         ds = replace(
             self,
             image_ids=[self.image_ids[k] for k in keep],
             image_paths=[self.image_paths[k] for k in keep] if self.image_paths is not None else None,
-            image_features=self.image_features[keep] if self.image_features is not None else None,
-            image_boxes=self.image_boxes[keep] if self.image_boxes is not None else None,
+            image_features=_rows(self.image_features, keep),
+            image_boxes=_rows(self.image_boxes, keep),
             image_hashes=[self.image_hashes[k] for k in keep] if self.image_hashes is not None else None,
             gt=gt,
+            meta=meta,
         )
         if drop_orphan_texts:
             ds = ds.select_texts(np.flatnonzero(gt.counts() > 0))
@@ -257,6 +261,18 @@ class CrossModalDataset:
     def summary(self) -> str:
         return (f"{self.name}/{self.split}: {self.num_images} images, {self.num_texts} texts, "
                 f"{self.gt.nnz} positive pairs")
+
+
+def _rows(arr, keep: np.ndarray):
+    """Rows ``keep`` of a feature array; lazy arrays (``.subset``) stay lazy, full memmaps stay views."""
+    if arr is None:
+        return None
+    subset = getattr(arr, "subset", None)
+    if callable(subset):
+        return subset(keep)
+    if len(keep) == arr.shape[0] and np.array_equal(keep, np.arange(arr.shape[0])):
+        return arr
+    return arr[keep]
 
 
 Reader = Callable[..., CrossModalDataset]

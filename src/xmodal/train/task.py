@@ -40,3 +40,27 @@ def _contrastive(model: nn.Module, loss: nn.Module) -> ContrastiveTask:
 def build_task(model: nn.Module, loss: nn.Module) -> Any:
     """Pick the task a model declares (``model.task``), else contrastive."""
     return TASKS.create(getattr(model, "task_name", "contrastive"), model, loss)
+
+
+class PairScoreTask(nn.Module):
+    """Pair scorers (ADAPT, ALADIN's alignment head): score the in-batch ``(B, B)`` matrix
+    with the model, then apply a loss over scores (``loss.from_scores``)."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def training_step(self, batch: Batch, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        img = self.model.encode_image_reps(batch.images)
+        txt = self.model.encode_text_reps(batch.texts)
+        scores = self.model.score(img, txt)  # (B_img, B_txt)
+        out = self.loss.from_scores(scores, pos_mask=batch.pos_mask.to(scores.device), step=step)
+        losses = {k: v for k, v in out.items() if k.endswith("_loss")}
+        metrics = {k: float(v) for k, v in out.items() if not k.endswith("_loss")}
+        return losses, metrics
+
+
+@TASKS.register("pair")
+def _pair(model: nn.Module, loss: nn.Module) -> PairScoreTask:
+    return PairScoreTask(model, loss)

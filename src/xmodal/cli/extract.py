@@ -1,0 +1,109 @@
+"""``xmodal extract``: run a frozen image tower over a dataset split and store the features."""
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+
+import yaml
+
+from . import arguments, command
+from ..errors import ConfigError
+
+_SHOWN_SKIPS = 20
+
+
+def _key_values(pairs: list[str], flag: str) -> dict:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``; values are read as YAML scalars."""
+    out = {}
+    for item in pairs:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict, list)):
+            value = raw  # keep structured-looking strings as written
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def _make_tower(name: str, kwargs: dict):
+    from ..models.base import IMAGE_TOWERS
+    from ..models import image as _image  # noqa: F401  (registers the image towers)
+
+    factory = IMAGE_TOWERS.get(name)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: let it check its own arguments
+        params = None
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            accepted = ", ".join(p for p in params if p not in ("self", "args")) or "(none)"
+            raise ConfigError(f"image tower {name!r} takes no argument {unknown[0]!r}; it accepts: {accepted}")
+    return factory(**kwargs)
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", required=True, help="dataset format (see `xmodal evaluate-embeddings --help`)")
+    p.add_argument("--path", required=True, help="dataset file or folder")
+    p.add_argument("--split", required=True, help="split to extract, e.g. train / val / test")
+    p.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra option for the dataset reader (repeatable)")
+    p.add_argument("--tower", default="efficientnet_lite0", help="registered pixel image tower")
+    p.add_argument("--tower-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="argument for the tower constructor (repeatable)")
+    p.add_argument("--image-size", type=int, default=None, help="input resolution, passed to the tower")
+    p.add_argument("--out", required=True, help="feature folder to write (resumed if interrupted)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0,
+                   help="image-decoding threads that run ahead of the model (0 = decode in the main thread)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                   help="an unreadable image is skipped and reported (default) or stops the run")
+    p.add_argument("--no-grid", action="store_true", help="store pooled vectors only, not the token grid")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse images above this many pixels (default 64,000,000; 0 = no limit of ours)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard an existing or partial result in --out made from other inputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("extract", help="Extract image features with a frozen tower into a resumable feature folder.")
+@arguments(_args)
+def run(args: argparse.Namespace) -> int:
+    from ..data.base import load_dataset
+    from ..data.images import DEFAULT_MAX_PIXELS
+    from ..features import extract_features
+
+    dataset = load_dataset(args.format, args.path, args.split, **_key_values(args.data_arg, "--data-arg"))
+    tower_kwargs = _key_values(args.tower_arg, "--tower-arg")
+    if args.image_size is not None:
+        tower_kwargs["image_size"] = args.image_size
+    tower = _make_tower(args.tower, tower_kwargs)
+    spec = {"name": args.tower, **tower_kwargs}
+    if isinstance(getattr(tower, "image_size", None), int):
+        spec.setdefault("image_size", tower.image_size)  # pin the default, so a changed default never reuses
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
+    print(f"extracting {dataset.summary()} with {args.tower} into {args.out}", file=sys.stderr)
+    fs = extract_features(
+        dataset, tower, args.out, tower_spec=spec, batch_size=args.batch_size, on_error=args.on_error,
+        grid=not args.no_grid, dtype=args.dtype, num_workers=args.workers, progress=not args.no_progress,
+        device=args.device, max_pixels=max_pixels,
+        overwrite=args.overwrite,
+    )
+    skipped = fs.skipped
+    grid = f", grid {list(fs.grid.shape)}" if fs.grid is not None else ""
+    print(f"features for {fs.num_images} images in {fs.path} (pooled {list(fs.pooled.shape)}{grid}, "
+          f"{fs.pooled.dtype})")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s), stored as zero rows with valid=False:")
+        for s in skipped[:_SHOWN_SKIPS]:
+            print(f"  {s['path']}: {s['reason']}")
+        if len(skipped) > _SHOWN_SKIPS:
+            print(f"  ... and {len(skipped) - _SHOWN_SKIPS} more, all listed in {fs.path / 'manifest.json'}")
+    return 0

@@ -1,0 +1,766 @@
+"""Feature extraction: run a frozen image tower over a dataset once, keep the result on disk.
+
+A feature folder holds memory-mapped ``.npy`` arrays aligned with the dataset's images::
+
+    pooled.npy     (N, D)     the tower's pooled vector per image
+    grid.npy       (N, T, D)  the tower's tokens (grid cells) per image; absent with grid=False
+    valid.npy      (N,) bool  False where an image could not be read (its rows are zero)
+    ids.json       the N image ids, in row order
+    manifest.json  what produced it (tower spec, dataset, shapes, dtype, sha256 per file, skips)
+
+Writes go to ``<out>/.partial/`` and are resumable: rows are written in order and
+``progress.json`` records how many are done after every batch. On completion the files are
+moved into place with :func:`os.replace`, the manifest last, so a folder is only trusted once
+its manifest exists. :func:`cached_features` picks a folder under a cache root from a hash
+of the tower spec and the dataset, and reuses it when complete.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__
+from .data.base import CrossModalDataset
+from .data.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
+from .errors import ConfigError, DataError, XmodalError, where
+from .models.base import ImageTower
+
+try:  # advisory lock against two extractions writing one folder; POSIX only
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "xmodal-features"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+PROGRESS = "progress.json"
+_LOCK = "lock"
+#: every file name a feature folder may hold besides the manifest
+DATA_FILES = ("pooled.npy", "grid.npy", "valid.npy", "ids.json")
+DTYPES = ("float16", "float32")
+_MAX_LOGGED_SKIPS = 20
+
+
+# --------------------------------------------------------------------------- helpers
+def ids_sha256(ids: Sequence[str]) -> str:
+    """Stable digest of an ordered list of image ids."""
+    blob = json.dumps(list(ids), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where(path, exc.lineno)}not valid JSON ({exc.msg})") from None
+    except OSError as exc:
+        raise DataError(f"{where(path)}cannot read: {exc.strerror or exc}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem / OS allows opening a folder
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def default_cache_root() -> Path:
+    """``$XMODAL_CACHE/features``, else ``$XDG_CACHE_HOME/xmodal/features``, else ``~/.cache/xmodal/features``."""
+    if os.environ.get("XMODAL_CACHE"):
+        return Path(os.environ["XMODAL_CACHE"]).expanduser() / "features"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "xmodal" / "features"
+
+
+def _describe_tower(tower: ImageTower) -> dict:
+    """A spec for towers passed without one (weights are not identified: pass a real spec)."""
+    cls = type(tower)
+    spec: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}"}
+    for key in ("image_size", "output_dim"):
+        val = getattr(tower, key, None)
+        if isinstance(val, (int, float, str, bool)):
+            spec[key] = val
+    return spec
+
+
+# --------------------------------------------------------------------------- reading
+@dataclasses.dataclass
+class FeatureSet:
+    """A complete feature folder: read-only memory maps plus its manifest."""
+
+    path: Path
+    manifest: dict
+    pooled: np.ndarray  # (N, D) read-only memmap
+    grid: np.ndarray | None  # (N, T, D) read-only memmap, None when extracted without grid
+    valid: np.ndarray  # (N,) bool
+    ids: list[str]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_valid(self) -> int:
+        return int(self.valid.sum())
+
+    @property
+    def skipped(self) -> list[dict]:
+        """``[{"index", "id", "path", "reason"}, ...]`` for the images that could not be read."""
+        return list(self.manifest.get("skipped", []))
+
+    @property
+    def tower(self) -> dict:
+        return dict(self.manifest.get("tower", {}))
+
+    def summary(self) -> str:
+        grid = f", grid {tuple(self.grid.shape)}" if self.grid is not None else ""
+        return (f"{self.path}: {self.num_images} images ({len(self.skipped)} skipped), "
+                f"pooled {tuple(self.pooled.shape)}{grid} {self.pooled.dtype}")
+
+    @classmethod
+    def open(cls, path: str | Path, *, verify: bool = False) -> "FeatureSet":
+        """Open and validate a feature folder.
+
+        Checks that every file the manifest lists exists with the recorded size, shape and
+        dtype, and that ``ids.json`` matches its digest; ``verify=True`` also re-hashes every
+        file against the manifest's sha256 (slow for large grids).
+        """
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            if (path / PARTIAL / PROGRESS).is_file():
+                raise DataError(f"{where(path)}feature extraction is incomplete (no {MANIFEST}); "
+                                "re-run the same extract command to resume it")
+            if not path.exists():
+                raise DataError(f"{where(path)}no such feature folder")
+            raise DataError(f"{where(path)}not a feature folder: {MANIFEST} is missing")
+        manifest = _read_json(mpath)
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise DataError(f"{where(mpath, field='format')}not an xmodal feature manifest")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{where(mpath, field='format_version')}version {manifest.get('format_version')!r} "
+                            f"is not supported (this xmodal reads version {FORMAT_VERSION})")
+        try:
+            n = int(manifest["num_images"])
+            files: dict = manifest["files"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{where(mpath)}malformed manifest ({exc})") from None
+        for required in ("pooled.npy", "valid.npy", "ids.json"):
+            if required not in files:
+                raise DataError(f"{where(mpath, field='files')}does not list {required}")
+
+        for name, info in files.items():
+            if name not in DATA_FILES:
+                raise DataError(f"{where(mpath, field='files')}unexpected file {name!r}")
+            fpath = path / name
+            if not fpath.is_file():
+                raise DataError(f"{where(fpath)}missing (listed in {mpath})")
+            size = fpath.stat().st_size
+            if size != info.get("bytes"):
+                raise DataError(f"{where(fpath)}is {size} bytes, {MANIFEST} says {info.get('bytes')} "
+                                "(the file was changed or truncated; extract again with --overwrite)")
+            if verify and file_sha256(fpath) != info.get("sha256"):
+                raise DataError(f"{where(fpath)}sha256 does not match {MANIFEST} (the file is corrupt)")
+
+        def load(name: str) -> np.ndarray:
+            fpath, info = path / name, files[name]
+            try:
+                arr = np.load(fpath, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as exc:
+                raise DataError(f"{where(fpath)}not a readable .npy array ({exc})") from None
+            if list(arr.shape) != list(info.get("shape", [])) or str(arr.dtype) != info.get("dtype"):
+                raise DataError(f"{where(fpath)}has shape {list(arr.shape)} {arr.dtype}, {MANIFEST} says "
+                                f"{info.get('shape')} {info.get('dtype')}")
+            if arr.shape[0] != n:
+                raise DataError(f"{where(fpath)}has {arr.shape[0]} rows for {n} images")
+            return arr
+
+        pooled = load("pooled.npy")
+        grid = load("grid.npy") if "grid.npy" in files else None
+        valid = np.array(load("valid.npy"))
+        if valid.dtype != np.bool_ or valid.ndim != 1:
+            raise DataError(f"{where(path / 'valid.npy')}must be a 1-D bool array")
+        ids = _read_json(path / "ids.json")
+        if not isinstance(ids, list) or len(ids) != n or not all(isinstance(i, str) for i in ids):
+            raise DataError(f"{where(path / 'ids.json')}must be a list of {n} string ids")
+        if ids_sha256(ids) != manifest.get("image_ids_sha256"):
+            raise DataError(f"{where(path / 'ids.json')}does not match image_ids_sha256 in {MANIFEST}")
+        if n - int(valid.sum()) != len(manifest.get("skipped", [])):
+            raise DataError(f"{where(path / 'valid.npy')}marks {n - int(valid.sum())} images invalid, "
+                            f"{MANIFEST} lists {len(manifest.get('skipped', []))} skipped")
+        return cls(path=path, manifest=manifest, pooled=pooled, grid=grid, valid=valid, ids=ids)
+
+
+# --------------------------------------------------------------------------- image source
+class _ImageSource:
+    """Where a dataset's pixels come from: a ``meta["pixels"]`` accessor, else image files."""
+
+    def __init__(self, dataset: CrossModalDataset, max_pixels: int | None) -> None:
+        self.ds = dataset
+        self.pixels = dataset.meta.get("pixels") if isinstance(dataset.meta, Mapping) else None
+        self.max_pixels = max_pixels
+        if self.pixels is not None and len(self.pixels) != dataset.num_images:
+            raise DataError(f"{dataset.name}/{dataset.split}: pixel accessor has {len(self.pixels)} "
+                            f"images for {dataset.num_images} image ids")
+        if self.pixels is None and dataset.image_paths is None:
+            raise DataError(f"{dataset.name}/{dataset.split}: dataset has no image files or pixels "
+                            "(it holds precomputed features only), so there is nothing to extract")
+
+    def label(self, i: int) -> str:
+        """How to name image ``i`` in messages: its file (resolved) or source path, else its id."""
+        paths = self.ds.image_paths
+        if self.pixels is None and paths is not None and paths[i] is not None:
+            return str(self.ds.image_path(i))
+        if paths is not None and paths[i] is not None:
+            return str(paths[i])
+        return self.ds.image_ids[i]
+
+    def _one(self, i: int) -> Image.Image:
+        if self.pixels is not None:
+            img = self.pixels[i]
+            return img if img.mode == "RGB" else img.convert("RGB")
+        return open_image(self.ds.image_path(i), max_pixels=self.max_pixels)
+
+    def load(self, indices: np.ndarray) -> list[Image.Image | str]:
+        """PIL images (RGB) for ``indices``, or a reason string where one cannot be read."""
+        if self.pixels is not None and hasattr(self.pixels, "load_pixels"):
+            try:
+                arr = np.asarray(self.pixels.load_pixels(indices))  # (k, H, W, 3) uint8
+            except (XmodalError, OSError, ValueError, IndexError, KeyError):
+                pass  # fall back to one at a time, to find which image is bad
+            else:
+                if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[0] == len(indices) and arr.shape[-1] == 3:
+                    return [Image.fromarray(a) for a in arr]
+        out: list[Image.Image | str] = []
+        for i in indices:
+            try:
+                out.append(self._one(int(i)))
+            except ImageLoadError as exc:
+                out.append(exc.reason)
+            except XmodalError as exc:
+                out.append(str(exc))
+            except (OSError, ValueError, IndexError, KeyError) as exc:  # a pixel accessor's own failure
+                out.append(f"cannot read image: {type(exc).__name__}: {exc}")
+        return out
+
+
+# --------------------------------------------------------------------------- extraction
+@dataclasses.dataclass
+class _Batch:
+    indices: np.ndarray  # (B,) image indices, consecutive
+    pixels: list[torch.Tensor | None]  # preprocessed (3, H, W) uint8 tensors
+    errors: list[str | None]
+
+
+def _decode_batch(source: _ImageSource, preprocess: Callable[[Image.Image], torch.Tensor],
+                  indices: np.ndarray) -> _Batch:
+    pixels: list[torch.Tensor | None] = []
+    errors: list[str | None] = []
+    for item in source.load(indices):
+        if isinstance(item, str):
+            pixels.append(None)
+            errors.append(item)
+        else:
+            pixels.append(preprocess(item))
+            errors.append(None)
+    return _Batch(indices, pixels, errors)
+
+
+def _batches(source: _ImageSource, preprocess, starts: Sequence[int], batch_size: int, n: int,
+             num_workers: int) -> Iterator[_Batch]:
+    """Decoded batches in order; with workers, up to ``num_workers + 1`` batches decode ahead."""
+    spans = [np.arange(s, min(s + batch_size, n)) for s in starts]
+    if num_workers <= 0:
+        for idx in spans:
+            yield _decode_batch(source, preprocess, idx)
+        return
+    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="xmodal-decode") as pool:
+        pending: collections.deque[Future] = collections.deque()
+        it = iter(spans)
+        try:
+            for idx in it:
+                pending.append(pool.submit(_decode_batch, source, preprocess, idx))
+                if len(pending) > num_workers:
+                    break
+            while pending:
+                batch = pending.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(_decode_batch, source, preprocess, nxt))
+                yield batch
+        finally:  # an error or an early stop: drop work not started yet
+            for fut in pending:
+                fut.cancel()
+
+
+def _progress_bar(enabled: bool):
+    """A rich progress bar on stderr with an images/s column; silent when stderr is not a terminal."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class _Speed(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s")
+
+    console = Console(stderr=True)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Speed(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                    disable=not (enabled and console.is_terminal))
+
+
+class _Partial:
+    """The ``.partial`` folder of an extraction in progress."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out = out_dir
+        self.dir = out_dir / PARTIAL
+        self.progress_path = self.dir / PROGRESS
+        self._lock_file = None
+
+    def lock(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.dir / _LOCK, "a+")
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                raise DataError(f"{where(self.out)}another extraction is writing into this folder") from None
+        self._lock_file = f
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def clear(self) -> None:
+        """Remove everything in the partial folder but the lock."""
+        for p in self.dir.iterdir():
+            if p.name == _LOCK:
+                continue
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def remove(self) -> None:
+        self.clear()  # e.g. a temp file left by a crash during an earlier atomic write
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / _LOCK).unlink()
+        self.unlock()
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
+
+
+def _remove_feature_files(out_dir: Path) -> None:
+    """Delete a previous result: the manifest first, so no reader trusts a half-removed folder."""
+    for name in (MANIFEST, *DATA_FILES):
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / name).unlink()
+
+
+def _inputs(dataset: CrossModalDataset, tower_spec: Mapping, grid: bool, dtype: str) -> dict:
+    """Everything that determines the output bytes; a resume or reuse requires equality."""
+    return {
+        "tower": json.loads(json.dumps(dict(tower_spec), sort_keys=True)),
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "num_images": dataset.num_images,
+        "image_ids_sha256": ids_sha256(dataset.image_ids),
+        "grid": bool(grid),
+        "dtype": dtype,
+    }
+
+
+def _first_difference(a: Mapping, b: Mapping) -> str:
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            return f"{key}: was {a.get(key)!r}, now {b.get(key)!r}"
+    return "(none)"
+
+
+def extract_features(
+    dataset: CrossModalDataset,
+    tower: ImageTower,
+    out_dir: str | Path,
+    *,
+    tower_spec: Mapping[str, Any] | None = None,
+    batch_size: int = 64,
+    on_error: str = "skip",
+    grid: bool = True,
+    dtype: str = "float16",
+    num_workers: int = 0,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    overwrite: bool = False,
+) -> FeatureSet:
+    """Run a frozen pixel tower over every image of ``dataset`` once and store the outputs.
+
+    ``tower_spec`` (JSON-serialisable, e.g. ``{"name": "efficientnet_lite0", "image_size": 224}``)
+    identifies the tower in the manifest and decides whether an existing or partial folder
+    may be reused; without it only the tower's class and sizes are recorded. Unreadable
+    images are reported with path and reason and either skipped (zero rows, ``valid`` False,
+    listed in the manifest) with ``on_error="skip"`` or raise :class:`ImageLoadError` with
+    ``on_error="fail"``. Re-running with the same inputs resumes an interrupted run, or
+    returns the finished folder; ``overwrite=True`` starts again.
+    """
+    out_dir = Path(out_dir)
+    if on_error not in ("skip", "fail"):
+        raise ConfigError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise ConfigError(f"num_workers must be 0 or more, got {num_workers}")
+    if getattr(tower, "input_kind", None) != "pixels" or not callable(getattr(tower, "preprocess", None)):
+        raise ConfigError(f"image tower {type(tower).__name__} does not take pixels (input_kind="
+                          f"{getattr(tower, 'input_kind', None)!r}); extraction needs a pixel backbone")
+    if dataset.num_images == 0:
+        raise DataError(f"{dataset.name}/{dataset.split}: dataset has no images")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    spec = dict(tower_spec) if tower_spec is not None else _describe_tower(tower)
+    try:
+        json.dumps(spec)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"tower_spec must be JSON-serialisable ({exc})") from None
+    source = _ImageSource(dataset, max_pixels)
+    inputs = _inputs(dataset, spec, grid, dtype)
+
+    if (out_dir / MANIFEST).is_file() and not overwrite:
+        manifest = _read_json(out_dir / MANIFEST)
+        old = manifest.get("inputs") if isinstance(manifest, dict) else None
+        if old != inputs:
+            diff = _first_difference(old, inputs) if isinstance(old, dict) else "unreadable manifest"
+            raise DataError(f"{where(out_dir)}already holds features made from other inputs ({diff}); "
+                            "choose another folder or pass --overwrite (overwrite=True)")
+        log.info("%s: features already extracted, reusing them", out_dir)
+        return FeatureSet.open(out_dir)
+
+    partial = _Partial(out_dir)
+    partial.lock()
+    try:
+        if overwrite:
+            _remove_feature_files(out_dir)
+            partial.clear()
+        return _run(dataset, tower, source, partial, inputs, batch_size=batch_size, on_error=on_error,
+                    grid=grid, dtype=dtype, num_workers=num_workers, progress=progress, device=dev)
+    finally:
+        partial.unlock()
+
+
+def _run(dataset: CrossModalDataset, tower: ImageTower, source: _ImageSource, partial: _Partial,
+         inputs: dict, *, batch_size: int, on_error: str, grid: bool, dtype: str, num_workers: int,
+         progress: bool, device: torch.device) -> FeatureSet:
+    n = dataset.num_images
+    pdir, out_dir = partial.dir, partial.out
+    state: dict
+    if partial.progress_path.is_file():
+        state = _read_json(partial.progress_path)
+        if not isinstance(state, dict) or state.get("inputs") != inputs:
+            old = state.get("inputs") if isinstance(state, dict) else None
+            diff = _first_difference(old, inputs) if isinstance(old, dict) else "unreadable progress file"
+            raise DataError(f"{where(pdir)}holds a partial extraction made from other inputs ({diff}); "
+                            "re-run with the original arguments to resume, or pass --overwrite (overwrite=True)")
+        log.info("%s: resuming at image %d of %d", out_dir, state["done"], n)
+    else:
+        partial.clear()
+        # Files left in out_dir without a manifest are untrusted leftovers; ours will replace them.
+        _remove_feature_files(out_dir)
+        _write_json_atomic(pdir / "ids.json", list(dataset.image_ids))
+        np.lib.format.open_memmap(pdir / "valid.npy", mode="w+", dtype=np.bool_, shape=(n,)).flush()
+        state = {"format_version": FORMAT_VERSION, "inputs": inputs, "done": 0, "shapes": None,
+                 "skipped": [], "elapsed_s": 0.0, "started": _now()}
+        _write_json_atomic(partial.progress_path, state)
+
+    if state["done"] >= n and (pdir / MANIFEST).is_file():
+        return _finish(partial)  # interrupted while moving files into place
+
+    def open_arrays(shapes: dict, create: bool) -> dict[str, np.ndarray]:
+        arrays = {}
+        for key, shape in shapes.items():
+            path = pdir / f"{key}.npy"
+            if create:
+                arrays[key] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+                continue
+            try:
+                arr = np.load(path, mmap_mode="r+", allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{where(path)}partial extraction is damaged ({exc}); pass --overwrite "
+                                "(overwrite=True) to start again") from None
+            if list(arr.shape) != list(shape) or str(arr.dtype) != dtype:
+                raise DataError(f"{where(path)}partial extraction has shape {list(arr.shape)} {arr.dtype}, "
+                                f"expected {list(shape)} {dtype}; pass --overwrite to start again")
+            arrays[key] = arr
+        return arrays
+
+    try:
+        valid = np.load(pdir / "valid.npy", mmap_mode="r+", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{where(pdir / 'valid.npy')}partial extraction is damaged ({exc}); "
+                        "pass --overwrite (overwrite=True) to start again") from None
+    arrays = open_arrays(state["shapes"], create=False) if state["shapes"] else {}
+
+    was_training = tower.training
+    tower.eval()
+    tower.to(device)
+    np_dtype = np.dtype(dtype)
+    skipped: list[dict] = state["skipped"]
+    elapsed0, t0 = float(state.get("elapsed_s", 0.0)), time.perf_counter()
+    bar = _progress_bar(progress)
+    try:
+        starts = range(state["done"], n, batch_size)
+        batches = _batches(source, tower.preprocess, starts, batch_size, n, num_workers)
+        # closing(): on an error, stop the decoder threads now, not when the traceback is freed
+        with bar, torch.inference_mode(), contextlib.closing(batches):
+            task = bar.add_task(f"extract {dataset.name}/{dataset.split}", total=n, completed=state["done"])
+            for batch in batches:
+                lo, hi = int(batch.indices[0]), int(batch.indices[-1]) + 1
+                ok = [k for k, e in enumerate(batch.errors) if e is None]
+                for k, reason in enumerate(batch.errors):
+                    if reason is None:
+                        continue
+                    i = int(batch.indices[k])
+                    if on_error == "fail":
+                        raise ImageLoadError(source.label(i), reason)
+                    skipped.append({"index": i, "id": dataset.image_ids[i], "path": source.label(i),
+                                    "reason": reason})
+                    if len(skipped) <= _MAX_LOGGED_SKIPS:
+                        log.warning("skipping image %r (%s): %s", dataset.image_ids[i], source.label(i), reason)
+                if ok:
+                    x = torch.stack([batch.pixels[k] for k in ok]).to(device)  # (b, 3, H, W)
+                    out = tower(x)
+                    pooled = out.pooled.float().cpu().numpy()
+                    tokens = out.tokens.float().cpu().numpy() if grid else None
+                    _check_output(out, pooled, tokens, len(ok))
+                    if not arrays:
+                        shapes = {"pooled": [n, pooled.shape[1]]}
+                        if grid:
+                            shapes["grid"] = [n, *tokens.shape[1:]]
+                        arrays = open_arrays(shapes, create=True)
+                        state["shapes"] = shapes
+                    for key, val in (("pooled", pooled), ("grid", tokens)):
+                        if key not in arrays:
+                            continue
+                        if list(val.shape[1:]) != list(arrays[key].shape[1:]):
+                            raise XmodalError(f"tower output {key} has shape {list(val.shape[1:])} per image, "
+                                              f"earlier batches had {list(arrays[key].shape[1:])}")
+                        block = np.zeros((hi - lo, *val.shape[1:]), dtype=np_dtype)
+                        with np.errstate(over="ignore"):  # overflow is caught just below, with advice
+                            block[ok] = val
+                        if not np.isfinite(block).all():
+                            raise XmodalError(
+                                f"tower produced non-finite {key} features for images {lo}..{hi - 1}"
+                                + (" (float16 overflows above 65504: try dtype float32)" if dtype == "float16" else ""))
+                        arrays[key][lo:hi] = block
+                        arrays[key].flush()
+                elif arrays:  # every image in this batch failed: rows must still read as zero
+                    for arr in arrays.values():
+                        arr[lo:hi] = 0
+                        arr.flush()
+                valid[lo:hi] = [e is None for e in batch.errors]
+                valid.flush()
+                # data is flushed before progress moves, so "done" never covers unwritten rows
+                state["done"] = hi
+                state["elapsed_s"] = elapsed0 + time.perf_counter() - t0
+                _write_json_atomic(partial.progress_path, state)
+                bar.update(task, completed=hi)
+    finally:
+        tower.train(was_training)
+        del arrays, valid  # close the memory maps before files move
+
+    if not state["shapes"]:
+        first = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+        raise DataError(f"{dataset.name}/{dataset.split}: none of the {n} images could be read ({first})")
+    if len(skipped) > _MAX_LOGGED_SKIPS:
+        log.warning("... and %d more skipped images", len(skipped) - _MAX_LOGGED_SKIPS)
+    if skipped:
+        log.warning("%s/%s: %d of %d images could not be read and were skipped (zero rows, valid=False); "
+                    "all are listed in %s", dataset.name, dataset.split, len(skipped), n, out_dir / MANIFEST)
+    _write_manifest(partial, state, dataset, device, batch_size)
+    return _finish(partial)
+
+
+def _check_output(out, pooled: np.ndarray, tokens: np.ndarray | None, b: int) -> None:
+    if pooled.ndim != 2 or pooled.shape[0] != b:
+        raise XmodalError(f"tower returned pooled of shape {list(pooled.shape)}, expected ({b}, D)")
+    if tokens is not None:
+        if tokens.ndim != 3 or tokens.shape[0] != b:
+            raise XmodalError(f"tower returned tokens of shape {list(tokens.shape)}, expected ({b}, T, D)")
+        if out.mask is not None and not bool(out.mask.all()):
+            raise XmodalError("tower returned padded tokens (mask has False entries); a grid of varying "
+                              "length cannot be stored, extract with grid=False (--no-grid)")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_manifest(partial: _Partial, state: dict, dataset: CrossModalDataset, device: torch.device,
+                    batch_size: int) -> None:
+    pdir = partial.dir
+    names = ["pooled.npy", *(["grid.npy"] if "grid" in state["shapes"] else []), "valid.npy", "ids.json"]
+    files = {}
+    for name in names:
+        path = pdir / name
+        info: dict[str, Any] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        if name.endswith(".npy"):
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            info.update(shape=list(arr.shape), dtype=str(arr.dtype))
+            del arr
+        files[name] = info
+    n = dataset.num_images
+    inputs = state["inputs"]
+    elapsed = float(state.get("elapsed_s", 0.0))
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tower": inputs["tower"],
+        "dataset": {"name": dataset.name, "split": dataset.split},
+        "num_images": n,
+        "num_valid": n - len(state["skipped"]),
+        "dtype": inputs["dtype"],
+        "grid": inputs["grid"],
+        "shapes": state["shapes"],
+        "image_ids_sha256": inputs["image_ids_sha256"],
+        "files": files,
+        "skipped": state["skipped"],
+        "inputs": inputs,
+        "xmodal_version": __version__,
+        "torch_version": torch.__version__,
+        "device": str(device),
+        "batch_size": batch_size,
+        "started": state.get("started"),
+        "created": _now(),
+        "elapsed_s": round(elapsed, 3),
+        "images_per_s": round(n / elapsed, 2) if elapsed > 0 else None,
+    }
+    _write_json_atomic(pdir / MANIFEST, manifest)
+
+
+def _finish(partial: _Partial) -> FeatureSet:
+    """Move the finished files into place, the manifest last; safe to repeat after a crash."""
+    pdir, out_dir = partial.dir, partial.out
+    manifest = _read_json(pdir / MANIFEST)
+    for name in manifest["files"]:
+        src = pdir / name
+        if src.is_file():
+            os.replace(src, out_dir / name)
+        elif not (out_dir / name).is_file():
+            raise DataError(f"{where(src)}missing while finishing the extraction; pass --overwrite to start again")
+    for name in DATA_FILES:  # a leftover from an older, different run must not sit beside ours
+        if name not in manifest["files"]:
+            with contextlib.suppress(FileNotFoundError):
+                (out_dir / name).unlink()
+    _fsync_dir(out_dir)
+    os.replace(pdir / MANIFEST, out_dir / MANIFEST)
+    _fsync_dir(out_dir)
+    with contextlib.suppress(FileNotFoundError):
+        partial.progress_path.unlink()
+    partial.remove()
+    fs = FeatureSet.open(out_dir)
+    log.info("%s", fs.summary())
+    return fs
+
+
+# --------------------------------------------------------------------------- cache and use
+def cache_key(dataset: CrossModalDataset, tower_spec: Mapping[str, Any], *, grid: bool = True,
+              dtype: str = "float16") -> str:
+    """16 hex digits naming a cache folder for this tower spec, dataset split and output form."""
+    blob = json.dumps({"tower": dict(tower_spec), "grid": bool(grid), "dtype": dtype}, sort_keys=True)
+    h = hashlib.sha256()
+    for part in (blob, dataset.name, dataset.split, ids_sha256(dataset.image_ids)):
+        h.update(part.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def cached_features(dataset: CrossModalDataset, tower: ImageTower, tower_spec: Mapping[str, Any],
+                    cache_root: str | Path | None = None, **kw: Any) -> FeatureSet:
+    """Extract into (or reuse) ``cache_root / cache_key(...)``; see :func:`extract_features` for ``kw``.
+
+    ``tower_spec`` must identify the tower fully (name, weights, image size, ...): two towers
+    with the same spec share a cache entry.
+    """
+    if "tower_spec" in kw:
+        raise ConfigError("cached_features takes tower_spec as its third argument, not as a keyword")
+    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    key = cache_key(dataset, tower_spec, grid=kw.get("grid", True), dtype=kw.get("dtype", "float16"))
+    out = root / key
+    log.info("feature cache for %s/%s: %s", dataset.name, dataset.split, out)
+    return extract_features(dataset, tower, out, tower_spec=tower_spec, **kw)
+
+
+def apply_valid(dataset: CrossModalDataset, features: FeatureSet, *, use: str = "pooled") -> CrossModalDataset:
+    """The dataset with unreadable images dropped and extracted features attached.
+
+    ``use`` picks ``"pooled"`` (N, D) or ``"grid"`` (N, T, D) as ``image_features``. When every
+    image is valid the memory map is attached as is (no copy); otherwise the valid rows are
+    read once into memory, and texts left without an image are dropped.
+    """
+    if use not in ("pooled", "grid"):
+        raise ConfigError(f"use must be 'pooled' or 'grid', got {use!r}")
+    arr = features.pooled if use == "pooled" else features.grid
+    if arr is None:
+        raise DataError(f"{where(features.path)}was extracted without grid features (--no-grid)")
+    if features.ids != list(dataset.image_ids):
+        if len(features.ids) != dataset.num_images:
+            detail = f"{len(features.ids)} feature rows for {dataset.num_images} images"
+        else:
+            k = next(k for k, (a, b) in enumerate(zip(features.ids, dataset.image_ids)) if a != b)
+            detail = f"image {k} is {dataset.image_ids[k]!r} in the dataset, {features.ids[k]!r} in the features"
+        raise DataError(f"{where(features.path)}features do not belong to {dataset.name}/{dataset.split} ({detail})")
+    if features.valid.all():
+        return dataclasses.replace(dataset, image_features=arr)
+    keep = np.flatnonzero(features.valid)
+    # select first without features, so the (possibly huge) map is indexed once, not copied twice
+    ds = dataclasses.replace(dataset, image_features=None).select_images(keep)
+    return dataclasses.replace(ds, image_features=np.asarray(arr[keep]))
+
+
+__all__ = ["FeatureSet", "extract_features", "cached_features", "cache_key", "apply_valid",
+           "default_cache_root", "ids_sha256", "DATA_FILES", "MANIFEST"]
