@@ -5,6 +5,13 @@ import os
 
 import pytest
 
+# One intra-op thread: the suite's models are tiny, and OpenMP threads spin-waiting on a
+# busy 2-core machine make small ops 50x slower. Subprocesses inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _xmodal_cache(tmp_path_factory):

@@ -67,7 +67,7 @@ class ModelConfig:
     #: registered model type (``xmodal.models.MODELS``)
     type: str = "dual_encoder"
     embed_dim: int = 256
-    image: TowerConfig = field(default_factory=lambda: TowerConfig("efficientnet_lite0", {"image_size": 160}))
+    image: TowerConfig = field(default_factory=lambda: TowerConfig("efficientnet_lite0", {}))
     text: TowerConfig = field(default_factory=lambda: TowerConfig("hf", {}))
     image_head: HeadConfig = field(default_factory=HeadConfig)
     text_head: HeadConfig = field(default_factory=HeadConfig)

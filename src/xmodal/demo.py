@@ -62,8 +62,9 @@ def write_run_report(out_dir: str | Path, model, split, result: dict, *, title: 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", result["metrics"])
     queries = None
-    if "image_emb" in result:
-        ds = split.dataset
+    ds = split.dataset
+    has_pixels = ds.meta.get("pixels") is not None or ds.image_paths is not None
+    if "image_emb" in result and has_pixels:
         rng = np.random.default_rng(seed)
         pick = sorted(rng.choice(ds.num_texts, size=min(num_queries, ds.num_texts), replace=False).tolist())
         queries = query_examples(ds, result["image_emb"], result["text_emb"], pick)

@@ -1,6 +1,7 @@
 """One small registry, reused for encoders, heads, losses, datasets and CLI commands."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Generic, TypeVar
 
 from .errors import XmodalError
@@ -38,7 +39,17 @@ class Registry(Generic[T]):
             raise XmodalError(f"unknown {self.kind} {name!r}; choose one of: {choices}") from None
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> T:
-        return self.get(name)(*args, **kwargs)
+        fn = self.get(name)
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):  # builtins without a signature
+            return fn(*args, **kwargs)
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            valid = [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
+            raise XmodalError(f"{self.kind} {name!r}: {exc}; its arguments are: {', '.join(valid)}") from None
+        return fn(*args, **kwargs)
 
     def names(self) -> list[str]:
         return sorted(self._items)

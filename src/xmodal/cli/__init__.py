@@ -75,7 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # dotted overrides may come after options (``--out RUN optim.lr=1e-3``)
+    if hasattr(args, "overrides"):
+        late = [e for e in extra if "=" in e and not e.startswith("-")]
+        args.overrides = list(args.overrides or []) + late
+        extra = [e for e in extra if e not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "_run", None):

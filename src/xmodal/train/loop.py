@@ -58,6 +58,21 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: C.OptimConfig, device:
     raise ConfigError(f"optim.name: unknown optimizer {cfg.name!r}; choose adam, adamw, adamax or sgd")
 
 
+def prepare_config(cfg: C.Config) -> None:
+    """Fill what a config derives from its data, deterministically, before it is saved.
+
+    A BiGRU text tower without a vocabulary gets a word-level tokenizer trained on the
+    training captions; its JSON goes into the config so the run can be rebuilt anywhere.
+    """
+    for tcfg in (cfg.model.text,):
+        if tcfg.name == "bigru" and not (tcfg.args.get("tokenizer_json") or tcfg.args.get("tokenizer_path")):
+            from ..models.text.bigru import train_tokenizer
+            from .pipeline import load_split
+
+            ds = load_split(cfg, cfg.data.train_split, cfg.data.train_lang, training=True)
+            tcfg.args["tokenizer_json"] = train_tokenizer(ds.captions, min_freq=int(tcfg.args.pop("min_freq", 1)))
+
+
 class MetricLog:
     """JSONL metric log (always) + TensorBoard (when installed and enabled)."""
 
@@ -97,6 +112,7 @@ def train(cfg: C.Config, run_dir: str | Path, *, resume: bool = False, progress:
 
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
+    prepare_config(cfg)
     config_yaml = yaml.safe_dump(C.to_dict(cfg), sort_keys=False)
     ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
     if ckpt is not None and not resume:
@@ -201,8 +217,8 @@ def train(cfg: C.Config, run_dir: str | Path, *, resume: bool = False, progress:
             step += 1
             prog.update(bar, completed=step)
             if cfg.train.log_every and step % cfg.train.log_every == 0:
-                metric_log.write(step, "train", {"loss": float(total_loss), "lr": lr,
-                                                 **{k: float(v) for k, v in losses.items()}, **metrics})
+                metric_log.write(step, "train", {"loss": float(total_loss.detach()), "lr": lr,
+                                                 **{k: float(v.detach()) for k, v in losses.items()}, **metrics})
             did_eval = False
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
                 evaluate(step)

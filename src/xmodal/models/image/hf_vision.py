@@ -140,6 +140,8 @@ class HFVisionTower(ImageTower):
             raise ConfigError(f"hf_vision: pooling must be auto, pooler, cls or mean, got {pooling!r}")
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()
+
         local = Path(name_or_path).exists()
         self.name_or_path = str(name_or_path)
         try:

@@ -69,6 +69,9 @@ class HFTextTower(TextTower):
         if cls_last_k < 1:
             raise ConfigError(f"hf text tower: cls_last_k must be >= 1, got {cls_last_k}")
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress bars only
 
         path = resolve_model_path(name_or_path)
         local = Path(path).exists()
