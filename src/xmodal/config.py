@@ -38,6 +38,8 @@ class DataConfig:
     train_options: dict = field(default_factory=dict)
     #: extra keyword options for every split's reader
     options: dict = field(default_factory=dict)
+    #: a corrupt, missing or oversized image is ``skip``-ped (reported) or makes the run ``fail``
+    on_bad_image: str = "skip"
 
 
 @dataclass

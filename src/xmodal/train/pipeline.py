@@ -71,7 +71,14 @@ def image_inputs(cfg, model, ds: CrossModalDataset, head_input: str, progress: b
 
             fs = cached_features(ds, tower, _tower_spec(cfg.model.image),
                                  cache_root=cache_root() / "features", grid=(head_input == "tokens"),
-                                 batch_size=cfg.train.extract_batch_size, progress=progress)
+                                 batch_size=cfg.train.extract_batch_size, progress=progress,
+                                 on_error=cfg.data.on_bad_image)
+            if cfg.data.on_bad_image == "fail" and fs.skipped:
+                from ..errors import DataError
+
+                bad = fs.skipped[0]
+                raise DataError(f"{bad['path']}: {bad['reason']} ({len(fs.skipped)} unreadable images in "
+                                f"{ds.name}/{ds.split}; data.on_bad_image=fail)")
             ds = apply_valid(ds, fs)
             valid = np.flatnonzero(np.asarray(fs.valid))
             pooled = fs.pooled if len(valid) == len(fs.valid) else np.asarray(fs.pooled)[valid]
