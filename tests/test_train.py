@@ -125,3 +125,11 @@ def test_resume_after_sigkill_is_exact(data, tmp_path):
         np.testing.assert_array_equal(w_ref[k], w_run[k])
     # a resume with a different config is refused
     assert main(["train", str(cfg), "--out", str(run), "--resume", "--no-progress", "optim.lr=0.1"]) == 2
+
+
+def test_early_stopping(data, tmp_path):
+    # lr = 0: validation rsum never improves after the first evaluation, so the second one stops the run
+    cfg = load_config(write_tiny_config(tmp_path / "c.yaml", data, steps=100),
+                      ["optim.lr=0.0", "train.eval_every=10", "train.early_stop=1"])
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["stopped_early"] and summary["steps"] == 20 and summary["best_step"] == 10
