@@ -1,0 +1,50 @@
+"""``xmodal index RUN --data SPEC --out INDEX [--modality image|text] [--backend B] [--add]``."""
+from __future__ import annotations
+
+import json
+import sys
+
+from . import arguments, command
+
+
+def _args(p) -> None:
+    p.add_argument("run", help="run folder written by xmodal train")
+    p.add_argument("--data", required=True,
+                   help="split:NAME (of the run's dataset), FORMAT:PATH[:SPLIT] (e.g. table:data.csv:test), "
+                        "or a folder of images (.jpg/.jpeg/.png/.webp, searched recursively)")
+    p.add_argument("--out", required=True, help="index folder to create (or extend with --add)")
+    p.add_argument("--modality", choices=("image", "text"), default="image",
+                   help="image: index images, for text queries (default); text: index captions, for image queries")
+    p.add_argument("--backend", default=None, help="exact (default), flat, ivf or hnsw")
+    p.add_argument("--add", action="store_true", help="append to an existing index built by the same run")
+    p.add_argument("--batch-size", type=int, default=256, help="items encoded at once")
+    p.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint folder")
+    p.add_argument("--lang", default=None, help="caption language (default: the run's eval_lang)")
+    p.add_argument("--id-prefix", default=None,
+                   help="prefix of the row ids (default: 'SPLIT/' for datasets, none for folders)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="vector storage")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@command("index", help="encode a collection with a trained run into a searchable index folder")
+@arguments(_args)
+def run(args) -> int:
+    from ..search import build_index
+
+    progress = sys.stderr.isatty() and not args.no_progress
+    res = build_index(args.run, args.data, args.out, modality=args.modality, backend=args.backend,
+                      add=args.add, batch_size=args.batch_size, checkpoint=args.checkpoint, lang=args.lang,
+                      id_prefix=args.id_prefix, dtype=args.dtype, progress=progress)
+    for bad in res.skipped[:10]:
+        print(f"skipped {bad['path']}: {bad['reason']}", file=sys.stderr)
+    if len(res.skipped) > 10:
+        print(f"... and {len(res.skipped) - 10} more unreadable images", file=sys.stderr)
+    summary = {"index": str(res.path), "modality": res.modality, "added": res.added, "total": res.total,
+               "skipped": len(res.skipped), "seconds": round(res.seconds, 2)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{res.path}: added {res.added} {res.modality}s ({res.total} in the index, "
+              f"{len(res.skipped)} skipped) in {res.seconds:.1f} s")
+    return 0

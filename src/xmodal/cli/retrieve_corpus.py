@@ -1,0 +1,52 @@
+"""``xmodal retrieve-corpus INDEX corpus.txt --out vokens.jsonl [-k 5] [--batch-size 256]``."""
+from __future__ import annotations
+
+import json
+import sys
+
+from . import arguments, command
+
+
+def _args(p) -> None:
+    p.add_argument("index", help="image index folder written by xmodal index")
+    p.add_argument("corpus", help="UTF-8 text file, one sentence a line (empty lines are skipped)")
+    p.add_argument("--out", required=True, help="JSON Lines output, one line per sentence")
+    p.add_argument("-k", type=int, default=5, help="results per sentence (default 5)")
+    p.add_argument("--batch-size", type=int, default=256, help="sentences encoded and committed at once")
+    p.add_argument("--run", default=None, help="the run folder, if it moved since the index was built")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over even if OUT exists or an interrupted run could be resumed")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("retrieve-corpus", help="top-k images for every sentence of a text file (resumable; Vokenization)")
+@arguments(_args)
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..errors import where, XmodalError
+    from ..index import Index
+    from ..search import check_k, load_index_model, retrieve_corpus
+
+    if not Path(args.corpus).is_file():
+        raise XmodalError(f"{where(args.corpus)}no such corpus file")
+    if args.batch_size < 1:
+        raise XmodalError(f"--batch-size {args.batch_size}: must be a positive integer")
+    index = Index.open(args.index)
+    check_k(args.k, index)
+    if index.modality != "image":
+        print(f"note: {index.path} is a {index.modality} index: retrieving {index.modality}s per sentence",
+              file=sys.stderr)
+    model = load_index_model(index, args.run)
+    progress = sys.stderr.isatty() and not args.no_progress
+    summary = retrieve_corpus(index, model, args.corpus, args.out, k=args.k, batch_size=args.batch_size,
+                              overwrite=args.overwrite, progress=progress)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        resumed = f", resumed at line {summary['resumed_from_line']}" if summary["resumed_from_line"] else ""
+        print(f"{summary['out']}: {summary['sentences']} sentences from {summary['lines']} lines, "
+              f"top-{summary['k']} each{resumed} ({summary['new_sentences']} in {summary['seconds']:.1f} s, "
+              f"{summary['sentences_per_s']:.0f} sentences/s)")
+    return 0

@@ -1,0 +1,73 @@
+"""``xmodal search INDEX "query text" [-k 10] [--json]`` / ``xmodal search INDEX --image photo.png``."""
+from __future__ import annotations
+
+import json
+import sys
+
+from . import arguments, command
+
+
+def _args(p) -> None:
+    p.add_argument("index", help="index folder written by xmodal index")
+    p.add_argument("query", nargs="?", default=None, help="query text")
+    p.add_argument("--image", default=None, help="query with an image file instead of text")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--run", default=None, help="the run folder, if it moved since the index was built")
+    p.add_argument("--json", action="store_true", help='print {"query": ..., "results": [...]} as JSON')
+
+
+def _label(rec: dict) -> str:
+    for key in ("path", "caption", "image_id", "text_id"):
+        if rec.get(key):
+            return str(rec[key])
+    return ""
+
+
+@command("search", help="search an index with a text (or --image) query")
+@arguments(_args)
+def run(args) -> int:
+    from ..errors import XmodalError
+    from ..index import Index
+    from ..search import check_k, load_index_model, search_image, search_text
+
+    if args.query is not None and args.image is not None:
+        raise XmodalError("give a query text or --image, not both")
+    if args.image is None and (args.query is None or not args.query.strip()):
+        raise XmodalError("empty query: give some text, or --image PATH")
+    if args.image is not None:
+        from pathlib import Path
+
+        from ..data.images import open_image
+
+        open_image(Path(args.image))  # a missing or unreadable image fails before any model loads
+    index = Index.open(args.index)
+    check_k(args.k, index)
+    query_modality = "image" if args.image is not None else "text"
+    model = load_index_model(index, args.run)
+    if args.image is not None:
+        results = search_image(index, model, args.image, args.k)
+        query = {"image": args.image}
+    else:
+        results = search_text(index, model, args.query, args.k)
+        query = args.query
+    if index.modality == query_modality:
+        # same-modality search is well defined (nearest neighbours in the shared space), but
+        # rarely what a cross-modal index was built for: say so rather than refuse
+        print(f"note: {query_modality} query against {'an' if index.modality == 'image' else 'a'} "
+              f"{index.modality} index: {query_modality}-to-{index.modality} similarity search", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"query": query, "query_modality": query_modality, "index": str(index.path),
+                          "index_modality": index.modality, "results": results}, ensure_ascii=False))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{index.path}: {args.image or args.query!r}")
+    table.add_column("rank", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("id")
+    table.add_column("path / caption", overflow="fold")
+    for rec in results:
+        table.add_row(str(rec["rank"]), f"{rec['score']:.4f}", str(rec["id"]), _label(rec))
+    Console().print(table)
+    return 0
