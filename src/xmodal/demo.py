@@ -17,10 +17,6 @@ import torch
 
 from .utils import atomic_write_json
 
-DEMO_QUERIES = ("red heart", "pizza", "rocket", "smiling cat", "sun", "dog", "flag of japan",
-                "ice cream", "soccer ball", "tree", "bicycle", "thumbs up")
-
-
 def packaged_config(name: str) -> Path:
     path = Path(__file__).parent / "configs" / name
     if not path.exists():
@@ -114,14 +110,17 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, overrides: t
                                     "test": test.dataset.summary(), "total seconds": f"{elapsed:.0f}"})
     print_metrics(res["metrics"], console=console, title=f"emoji test split ({test.dataset.num_texts} English "
                                                             f"captions, {test.dataset.num_images} images)")
-    console.print("[bold]text -> image searches[/] (top 3 of the test images)")
+    console.print("[bold]text -> image searches[/] (test captions against the 500 test images; "
+                  "[green]+[/] = a correct image)")
     ds = test.dataset
-    with torch.inference_mode():
-        q = model.encode_text(list(DEMO_QUERIES[:6]))
-    top = torch.topk(q @ res["image_emb"].T, 3, dim=1)
-    for text, idx, sc in zip(DEMO_QUERIES, top.indices.tolist(), top.values.tolist()):
-        hits = ", ".join(f"{_describe(ds, i)} ({s:.2f})" for i, s in zip(idx, sc))
-        console.print(f"  {text!r:18} -> {hits}")
+    describe = _describer(ds)
+    rng = np.random.default_rng(1)
+    picks = rng.choice(ds.num_texts, size=min(6, ds.num_texts), replace=False).tolist()
+    top = torch.topk(res["text_emb"][picks] @ res["image_emb"].T, 3, dim=1)
+    for t, idx, sc in zip(picks, top.indices.tolist(), top.values.tolist()):
+        pos = set(ds.gt.images_of(t).tolist())
+        hits = "  ".join(f"{'[green]+[/]' if i in pos else '-'} {describe(i)} {s:.2f}" for i, s in zip(idx, sc))
+        console.print(f"  {ds.captions[t]!r:34} -> {hits}")
     console.print(f"metrics: {files['metrics']}")
     for key in ("html", "recall_curve", "queries"):
         if key in files:
@@ -131,8 +130,16 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, overrides: t
     return {"metrics": res["metrics"], "files": files, "seconds": elapsed}
 
 
-def _describe(ds, i: int) -> str:
-    names = ds.meta.get("image_labels")
-    if names is not None:
-        return names[int(i)]
-    return ds.image_ids[int(i)]
+def _describer(ds):
+    """Readable names for images: emoji character + English label for the emoji data, else ids."""
+    concepts, chars = ds.meta.get("concepts"), ds.meta.get("emoji")
+    if not concepts or not chars:
+        return lambda i: ds.image_ids[int(i)]
+    char = dict(zip(concepts, chars))
+    label = {tid.split("/")[0]: cap for tid, cap in zip(ds.text_ids, ds.captions) if tid.endswith("/label")}
+
+    def describe(i: int) -> str:
+        style, _, hexcode = ds.image_ids[int(i)].partition("/")
+        return f"{char.get(hexcode, '')} {label.get(hexcode, hexcode)} ({style})"
+
+    return describe
