@@ -133,3 +133,10 @@ def test_early_stopping(data, tmp_path):
                       ["optim.lr=0.0", "train.eval_every=10", "train.early_stop=1"])
     summary = train(cfg, tmp_path / "run", progress=False)
     assert summary["stopped_early"] and summary["steps"] == 20 and summary["best_step"] == 10
+
+
+def test_identity_heads_with_trainable_towers(data, tmp_path):
+    cfg = load_config(write_tiny_config(tmp_path / "c.yaml", data, steps=5),
+                      ["model.text_head.proj=identity", "model.image_head.proj=identity", "train.eval_every=5"])
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["steps"] == 5 and summary["best_val"]["rsum"] > 0

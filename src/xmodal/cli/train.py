@@ -28,6 +28,7 @@ def run(args) -> int:
                     console=console)
     console.print(f"run:     {summary['run_dir']}")
     console.print(f"best:    {summary['run_dir']}/best (step {summary['best_step']})")
-    console.print(f"logs:    {summary['run_dir']}/metrics.jsonl, {summary['run_dir']}/tensorboard")
+    tb = f", {summary['run_dir']}/tensorboard" if cfg.train.tensorboard else ""
+    console.print(f"logs:    {summary['run_dir']}/metrics.jsonl{tb}")
     console.print(f"next:    xmodal eval {summary['run_dir']} --split test")
     return 0

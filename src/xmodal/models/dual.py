@@ -64,7 +64,7 @@ class DualEncoder(EmbeddingScorer):
 
     def text_features(self, texts: Sequence[str] | dict) -> TowerOutput:
         batch = self.text_tower.tokenize(list(texts)) if not isinstance(texts, dict) else texts
-        device = next(self.text_head.parameters()).device
+        device = next(iter(self.state_dict().values())).device
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_text):
             return self.text_tower(batch)

@@ -3,8 +3,8 @@
 Run folder layout::
 
     RUN/config.yaml                    resolved config
-    RUN/checkpoints/step_000200/       model.safetensors, optim.safetensors, state.json
-    RUN/checkpoints/latest.json        {"step": 200, "dir": "step_000200"}  (written last)
+    RUN/checkpoints/step_0000200/       model.safetensors, optim.safetensors, state.json
+    RUN/checkpoints/latest.json        {"step": 200, "dir": "step_0000200"}  (written last)
     RUN/best/                          model.safetensors, state.json (step, metrics), config.yaml
 
 Frozen towers (pretrained backbones rebuilt from their own weights) are not saved: the

@@ -62,6 +62,14 @@ def _tower_spec(tcfg) -> dict:
     return {"name": tcfg.name, "args": tcfg.args}
 
 
+def _image_source_spec(tcfg, ds: CrossModalDataset) -> dict:
+    """Tower spec plus where the pixels come from, so a fixed image root gets a new cache entry."""
+    h = hashlib.sha256(str(ds.root).encode())
+    for p in ds.image_paths or []:
+        h.update(str(p).encode("utf-8", "surrogatepass") + b"\0")
+    return {**_tower_spec(tcfg), "images": h.hexdigest()[:16]}
+
+
 def image_inputs(cfg, model, ds: CrossModalDataset, head_input: str, progress: bool = True) -> tuple[CrossModalDataset, Any]:
     tower = getattr(model, "image_tower", None)
     kind = getattr(tower, "input_kind", "features")
@@ -69,7 +77,7 @@ def image_inputs(cfg, model, ds: CrossModalDataset, head_input: str, progress: b
         if cfg.model.image.frozen:
             from ..features import apply_valid, cached_features
 
-            fs = cached_features(ds, tower, _tower_spec(cfg.model.image),
+            fs = cached_features(ds, tower, _image_source_spec(cfg.model.image, ds),
                                  cache_root=cache_root() / "features", grid=(head_input == "tokens"),
                                  batch_size=cfg.train.extract_batch_size, progress=progress,
                                  on_error=cfg.data.on_bad_image)
