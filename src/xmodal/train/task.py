@@ -15,6 +15,13 @@ from .data import Batch
 TASKS: Registry = Registry("task")
 
 
+def split_terms(out: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """A loss's terms: ``*_loss`` keys are summed by the loop, the rest are logged metrics."""
+    losses = {k: v for k, v in out.items() if k.endswith("_loss")}
+    metrics = {k: float(v) for k, v in out.items() if not k.endswith("_loss")}
+    return losses, metrics
+
+
 class ContrastiveTask(nn.Module):
     """Embedding scorers: encode both sides, apply a batch loss over the positives mask."""
 
@@ -27,9 +34,7 @@ class ContrastiveTask(nn.Module):
         img = self.model.encode_image(batch.images)  # (B, D)
         txt = self.model.encode_text(batch.texts)  # (B, D)
         out = self.loss(img, txt, pos_mask=batch.pos_mask.to(img.device), step=step)
-        losses = {k: v for k, v in out.items() if k.endswith("_loss")}
-        metrics = {k: float(v) for k, v in out.items() if not k.endswith("_loss")}
-        return losses, metrics
+        return split_terms(out)
 
 
 @TASKS.register("contrastive")
@@ -56,9 +61,7 @@ class PairScoreTask(nn.Module):
         txt = self.model.encode_text_reps(batch.texts)
         scores = self.model.score(img, txt)  # (B_img, B_txt)
         out = self.loss.from_scores(scores, pos_mask=batch.pos_mask.to(scores.device), step=step)
-        losses = {k: v for k, v in out.items() if k.endswith("_loss")}
-        metrics = {k: float(v) for k, v in out.items() if not k.endswith("_loss")}
-        return losses, metrics
+        return split_terms(out)
 
 
 @TASKS.register("pair")
