@@ -1,1 +1,12 @@
-"""serve."""
+"""``xmodal serve``: an HTTP search API and web page over an xmodal index (see :mod:`.app`).
+
+Needs the optional ``serve`` extra (``pip install 'xmodal[serve]'``): FastAPI, uvicorn and
+python-multipart, imported only when an app is created.
+"""
+from __future__ import annotations
+
+from .app import (MAX_K, MAX_QUERY_CHARS, MAX_UPLOAD_BYTES, ApiError, SearchService, create_app, is_loopback,
+                  load_service, require_server_packages)
+
+__all__ = ["MAX_K", "MAX_QUERY_CHARS", "MAX_UPLOAD_BYTES", "ApiError", "SearchService", "create_app",
+           "is_loopback", "load_service", "require_server_packages"]

@@ -1,0 +1,73 @@
+"""``xmodal serve INDEX [--host 127.0.0.1] [--port 8000] [--text-index CAPTIONS.idx]``."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from . import arguments, command
+
+log = logging.getLogger(__name__)
+
+
+def _args(p) -> None:
+    p.add_argument("index", help="image index folder written by xmodal index")
+    p.add_argument("--text-index", default=None,
+                   help="a caption index of the same model: image uploads also find captions")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--run", default=None, help="the run folder, if it moved since the index was built")
+    p.add_argument("--image-root", default=None,
+                   help="folder thumbnails may be read from (default: the folder all indexed images share)")
+
+
+@command("serve", help="serve an index over HTTP: a search API and a web page")
+@arguments(_args)
+def run(args) -> int:
+    from ..errors import XmodalError
+    from ..serve.app import create_app, is_loopback, load_service, require_server_packages
+
+    require_server_packages()  # before loading any model: say which extra is missing
+    if not 0 <= args.port <= 65535:
+        raise XmodalError(f"--port {args.port}: must be between 0 and 65535")
+    if not is_loopback(args.host):
+        print(f"warning: binding to {args.host}, not a loopback address: anyone who can reach this machine "
+              "can query the index and see its images (there is no authentication)", file=sys.stderr)
+    sock = _bind(args.host, args.port)  # a busy port fails before the model loads
+    try:
+        service = load_service(args.index, args.text_index, run=args.run, image_root=args.image_root)
+        app = create_app(service)
+    except BaseException:
+        sock.close()
+        raise
+    import uvicorn
+
+    port = sock.getsockname()[1]
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {service.index.path} ({len(service.index)} images) on http://{host}:{port}/ "
+          "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level="info" if args.verbose else "warning", access_log=bool(args.verbose))
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _bind(host: str, port: int):
+    """A listening socket, bound here so that a busy port is a one-line error and port 0 is reported."""
+    import socket
+
+    from ..errors import XmodalError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise XmodalError(f"--host {host!r}: cannot resolve ({e.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise XmodalError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
