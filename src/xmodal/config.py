@@ -58,7 +58,8 @@ class HeadConfig:
     input: str = "pooled"
     pooling: str = "mean"
     pooling_args: dict = field(default_factory=dict)
-    #: ``linear``, ``mlp`` (2 layers, residual linear as VSE-infinity) or ``identity``
+    #: ``linear``, ``mlp`` (2 layers, residual linear as VSE-infinity), ``voken_mlp`` (3 linears,
+    #: ReLU + dropout between, the Vokenization sentence head) or ``identity``
     proj: str = "linear"
     hidden_dim: int = 1024
     dropout: float = 0.0

@@ -22,6 +22,28 @@ class MLP(nn.Module):
         return self.linear(x) + self.mlp(x)
 
 
+class VokenMLP(nn.Module):
+    """The sentence-level Vokenization head: three linears, ReLU + dropout between them.
+
+    ``Linear(in, h) -> ReLU -> Dropout -> Linear(h, h) -> ReLU -> Dropout -> Linear(h, out)``:
+    the ``MLP(backbone_dim, [1024, 1024, dim])`` of ``retrieval_model/xmatching/model.py`` in
+    jokieleung/Maria (``Sent_LangModel`` and ``VisnModel``; dropout 0.2, no normalisation
+    layer, no residual path). The L2 normalisation that follows it there is done by the
+    dual encoder.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
 class ProjectionHead(nn.Module):
     """Pool (optionally) and project a :class:`TowerOutput` to ``(B, out_dim)``.
 
@@ -45,12 +67,14 @@ class ProjectionHead(nn.Module):
             self.proj: nn.Module = nn.Linear(in_dim, out_dim)
         elif proj == "mlp":
             self.proj = MLP(in_dim, hidden_dim, out_dim, dropout)
+        elif proj == "voken_mlp":
+            self.proj = VokenMLP(in_dim, hidden_dim, out_dim, dropout)
         elif proj == "identity":
             if in_dim != out_dim:
                 raise ConfigError(f"identity projection needs in_dim == out_dim, got {in_dim} != {out_dim}")
             self.proj = nn.Identity()
         else:
-            raise ConfigError(f"unknown projection {proj!r}; choose linear, mlp or identity")
+            raise ConfigError(f"unknown projection {proj!r}; choose linear, mlp, voken_mlp or identity")
         self.pool = POOLING.create(pooling, dim=out_dim, **(pooling_args or {})) if input == "tokens" else None
 
     def forward(self, feats: TowerOutput) -> torch.Tensor:
