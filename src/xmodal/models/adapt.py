@@ -1,0 +1,747 @@
+"""ADAPT: adaptive cross-modal embeddings (Wehrmann, Kolling & Barros, AAAI 2020).
+
+A pair scorer: the vector of one modality rescales and shifts, channel by channel, the
+token features of the other modality before they are pooled, so every (image, caption)
+pair gets its own image (or caption) vector. Faithful to ``jwehrmann/retrieval.pytorch``:
+
+- **Encoders** (``img_enc: simple``, ``txt_enc: gru_glove``): regions are projected by a
+  linear layer (the ``features`` image tower), then ``LeakyReLU(0.1)`` and L2-normalised
+  per region; words come from a text tower (``bigru``: word embeddings + BiGRU, mean of the
+  two directions) and are L2-normalised per word. Configure the ``features`` tower with
+  ``normalize: false`` so the activation comes before the normalisation, as in the original.
+- **ADAPT-T2I** (``AdaptiveEmbeddingT2I``): regions go through ``BatchNorm1d`` without
+  affine parameters (statistics over the batch's regions); the caption vector ``c`` (mean of
+  its words) gives ``gamma = W_g c + b_g`` and ``beta = W_b c + b_b`` (one linear layer
+  each); regions are adapted as ``a = x * (gamma + 1) + beta``; **Fovea** weights them with
+  ``softmax_r(smooth * a)`` per channel (``smooth`` = 10), ``v = mean_r(p * a)``; the score
+  is ``cos(v, c)``.
+- **ADAPT-I2T** (``AdaptiveEmbeddingI2T``): the symmetric construction over the caption's
+  BatchNorm-ed words, conditioned on the image vector (mean of its regions), pooled with a
+  **max** over words, scored by cosine with the image vector.
+- **ADAPT-Ens**: the two models are trained separately and their score matrices averaged
+  at test time (the paper's ensemble). Here ``variant: ens`` loads two finished runs
+  (``members``) into :class:`AdaptEnsemble`.
+
+Deviations, on purpose: padding is masked (the original lets padded words into the
+BatchNorm statistics, the softmax and the max, and truncates captions to 34 words); the
+Fovea mean is taken over real tokens only (a constant factor per pair, so the cosine is
+unchanged for unpadded inputs).
+
+**Exact and fast scoring.** ``softmax_r(smooth * (s x_r + b))`` does not depend on ``b``,
+so with ``k = smooth * s`` the pooled vector is ``v = s * E_p[x] + b`` where
+``E_p[x] = sum_r e_r x_r / sum_r e_r`` and ``e_r = exp(k (x_r - x_ext))``; ``x_ext`` is the
+largest region value when ``k > 0`` (smallest otherwise), so no exponent is positive. The
+work per pair and channel is one pass over the regions (an exp and two multiply-adds),
+fused by :func:`torch.compile` into one C++/OpenMP loop on CPU (falling back to chunked
+eager ops), with the regions of an image kept in cache while all captions of a block pass.
+Training uses a custom autograd function with the analytic gradient
+(``dE_p[x]/dk = Var_p[x]``, ``dE_p[x]/dx_r = p_r (1 + k (x_r - E_p[x]))``), so memory is
+``O(Ni * Nt * D)`` instead of ``O(Ni * Nt * R * D)``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import ConfigError, XmodalError
+from . import MODELS
+from .base import PairScorer, TowerOutput
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-8
+VARIANTS = ("t2i", "i2t", "ens")
+_NORMALIZATIONS = ("batchnorm", "none")
+_ACTIVATIONS = ("leaky_relu", "none")
+_FUSED = ("auto", "compile", "eager")
+#: ``fused="auto"`` compiles once a call's work (pairs x tokens x channels) reaches this:
+#: compiling costs seconds once per process, eager ops are fine for small batches.
+AUTO_COMPILE_MIN_WORK = 1 << 28
+#: Working set of one eager chunk: eager ops stream token-sized intermediates through memory
+#: several times, so chunks stay near the last-level cache.
+EAGER_CHUNK_BYTES = 16 << 20
+
+
+# ------------------------------------------------------------------------------------------
+# layers (the paper's building blocks, used as written by the reference tests)
+# ------------------------------------------------------------------------------------------
+class AdaptLayer(nn.Module):
+    """The ADAPT layer: a query vector predicts a per-channel scale and shift.
+
+    ``gamma = fc_gamma(query)``, ``beta = fc_beta(query)`` (one linear layer each, the
+    original's default ``nonlinear_proj=False``); values are adapted as
+    ``value * (gamma + 1) + beta``.
+    """
+
+    def __init__(self, value_dim: int, query_dim: int | None = None) -> None:
+        super().__init__()
+        query_dim = query_dim or value_dim
+        self.fc_gamma = nn.Linear(query_dim, value_dim)
+        self.fc_beta = nn.Linear(query_dim, value_dim)
+
+    def scale_shift(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gamma + 1, beta)``, each ``(B, value_dim)``, for queries ``(B, query_dim)``."""
+        return self.fc_gamma(query) + 1.0, self.fc_beta(query)
+
+    def forward(self, value: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Adapt ``value`` ``(B, N, D)`` with ``query`` ``(B, Dq)`` row by row (or ``(1, Dq)``
+        broadcast over all rows, the original's one-to-many retrieval case)."""
+        scale, shift = self.scale_shift(query)
+        return value * scale[:, None, :] + shift[:, None, :]
+
+
+class Fovea(nn.Module):
+    """``softmax(smooth * x) * x`` over the token axis, per channel (the original's Fovea).
+
+    ``x`` is ``(B, N, D)``; padded tokens (``mask`` False) get zero weight. ``smooth`` is a
+    constant, or a trained scalar with ``train_smooth=True``.
+    """
+
+    def __init__(self, smooth: float = 10.0, train_smooth: bool = False) -> None:
+        super().__init__()
+        self.train_smooth = train_smooth
+        if train_smooth:
+            self.smooth = nn.Parameter(torch.tensor(float(smooth)))
+        else:
+            self.register_buffer("smooth", torch.tensor(float(smooth)), persistent=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        logits = x * self.smooth
+        if mask is not None:
+            logits = logits.masked_fill(~mask[..., None], float("-inf"))
+        return torch.softmax(logits, dim=1) * x  # (B, N, D)
+
+
+class MaskedBatchNorm(nn.BatchNorm1d):
+    """``BatchNorm1d`` over token features ``(B, N, D)``; statistics over real tokens only.
+
+    Same buffers (and state-dict keys) as ``nn.BatchNorm1d``; padded positions come out as 0.
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        B, N, D = x.shape
+        if mask is None or bool(mask.all()):
+            return super().forward(x.reshape(B * N, D)).view(B, N, D)
+        out = x.new_zeros(B, N, D)
+        out[mask] = super().forward(x[mask])  # (real tokens, D)
+        return out
+
+
+# ------------------------------------------------------------------------------------------
+# fused kernels: pure torch functions, compiled with inductor when allowed
+# ------------------------------------------------------------------------------------------
+# Each kernel takes ``fused``: compiled, ``exp`` is written once per use so inductor keeps
+# everything in one loop over the regions (a shared ``exp`` buffer would be materialised);
+# eager, it is computed once and reused.
+def _exp_pair(y: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    e = torch.exp(y)
+    return e, (torch.exp(y) if fused else e)
+
+
+def _t2i_scores(x, bias, k, xext, scale, shift, chat, fused: bool = True):
+    """ADAPT-T2I scores ``(Ni, Nt)`` of every image against every caption.
+
+    ``x`` (Ni, R, D) normalised regions, ``bias`` (Ni, R) 0 / -inf for padding, ``k`` (Nt, D)
+    ``= smooth * scale``, ``xext`` (Ni, Nt, D) softmax shift, ``scale``/``shift`` (Nt, D),
+    ``chat`` (Nt, D) unit caption vectors.
+    """
+    d = x[:, None] - xext[:, :, None]  # (Ni, Nt, R, D)
+    y = d * k[None, :, None] + bias[:, None, :, None]
+    e1, e2 = _exp_pair(y, fused)
+    z = e1.sum(2)  # (Ni, Nt, D)
+    s1 = (e2 * d).sum(2)
+    v = scale * (xext + s1 / z) + shift  # (Ni, Nt, D) pooled adapted image vectors
+    return (v * chat).sum(-1) / v.norm(dim=-1).clamp_min(EPS)
+
+
+def _rows_prep(cond, idx, xmax, xmin, smooth, fused: bool = True):
+    """Per-pair inputs of the row kernels from per-item conditioning ``cond`` (U, 3D).
+
+    Returns ``k``, ``xext``, ``scale``, ``shift``, ``unit`` (G, T, D) for pairs ``idx`` (G, T).
+    A separate kernel: fused with the row kernel, inductor would materialise the (G, T, L, D)
+    intermediate instead of keeping it in registers.
+    """
+    dim = xmax.shape[-1]
+    c = cond[idx]  # (G, T, 3D)
+    scale, shift, unit = c[..., :dim], c[..., dim:2 * dim], c[..., 2 * dim:]
+    k = scale * smooth
+    xext = torch.where(k > 0, xmax[:, None], xmin[:, None])
+    return k, xext, scale, shift, unit
+
+
+def _t2i_rows(x, bias, k, xext, scale, shift, chat, fused: bool = True):
+    """ADAPT-T2I scores ``(G, T)``: image ``g`` against its own list of ``T`` captions.
+
+    ``x`` (G, R, D), ``bias`` (G, R); per pair ``k``/``xext``/``scale``/``shift``/``chat``
+    (G, T, D). Used to re-score shortlists: an image's regions stay in cache while its
+    captions pass.
+    """
+    d = x[:, None] - xext[:, :, None]  # (G, T, R, D)
+    y = d * k[:, :, None] + bias[:, None, :, None]
+    e1, e2 = _exp_pair(y, fused)
+    z = e1.sum(2)  # (G, T, D)
+    s1 = (e2 * d).sum(2)
+    v = scale * (xext + s1 / z) + shift
+    return (v * chat).sum(-1) / v.norm(dim=-1).clamp_min(EPS)
+
+
+def _t2i_moments(x, bias, k, xext, fused: bool = True):
+    """``(Z, S1, S2)`` each (Ni, Nt, D): sums over regions of ``e``, ``e d`` and ``e d^2``."""
+    d = x[:, None] - xext[:, :, None]  # (Ni, Nt, R, D)
+    y = d * k[None, :, None] + bias[:, None, :, None]
+    e = torch.exp(y)
+    if fused:
+        return e.sum(2), (torch.exp(y) * d).sum(2), (torch.exp(y) * d * d).sum(2)
+    z = e.sum(2)
+    ed = e.mul_(d)
+    s1 = ed.sum(2)
+    return z, s1, ed.mul_(d).sum(2)
+
+
+def _t2i_grad_x(x, bias, k, xext, a, mc, fused: bool = True):
+    """``sum_t a e (1 + k (d - mc))`` (Ni, R, D): the regions' gradient of ``E_p[x]``."""
+    d = x[:, None] - xext[:, :, None]  # (Ni, Nt, R, D)
+    y = d * k[None, :, None] + bias[:, None, :, None]
+    w = a[:, :, None] * (1.0 + k[None, :, None] * (d - mc[:, :, None]))
+    return (torch.exp(y) * w).sum(1)
+
+
+def _i2t_scores(x, bias, k, xext, scale, shift, qhat, fused: bool = True):
+    """ADAPT-I2T scores ``(Nt, Ni)`` (transposed by the caller).
+
+    ``x`` (Nt, L, D) normalised words, ``bias`` (Nt, L), ``k``/``scale``/``shift``/``qhat``
+    (Ni, D) from the image vectors, ``xext`` (Nt, Ni, D).
+    """
+    d = x[:, None] - xext[:, :, None]  # (Nt, Ni, L, D)
+    y = d * k[None, :, None] + bias[:, None, :, None]
+    e1, e2 = _exp_pair(y, fused)
+    z = e1.sum(2)  # (Nt, Ni, D)
+    a = x[:, None] * scale[None, :, None] + shift[None, :, None]  # adapted words
+    mx = (e2 * a + bias[:, None, :, None]).amax(2)  # padded words -> -inf
+    v = mx / z  # (Nt, Ni, D) max over words of softmax(smooth a) * a
+    return (v * qhat).sum(-1) / v.norm(dim=-1).clamp_min(EPS)
+
+
+def _i2t_rows(x, bias, k, xext, scale, shift, qhat, fused: bool = True):
+    """ADAPT-I2T scores ``(G, I)``: caption ``g`` against its own list of ``I`` images.
+
+    ``x`` (G, L, D) words, ``bias`` (G, L); per pair ``k``/``xext``/``scale``/``shift``/``qhat``
+    (G, I, D).
+    """
+    d = x[:, None] - xext[:, :, None]  # (G, I, L, D)
+    y = d * k[:, :, None] + bias[:, None, :, None]
+    e1, e2 = _exp_pair(y, fused)
+    z = e1.sum(2)  # (G, I, D)
+    a = x[:, None] * scale[:, :, None] + shift[:, :, None]
+    v = (e2 * a + bias[:, None, :, None]).amax(2) / z
+    return (v * qhat).sum(-1) / v.norm(dim=-1).clamp_min(EPS)
+
+
+class _Kernel:
+    """A kernel run compiled (inductor; once per process, dynamic shapes) or eagerly."""
+
+    failed = False  # set when compilation does not work here; then everything runs eagerly
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._compiled: Callable[..., Any] | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Compiled already (then small calls use it too, for consistent numerics)."""
+        return self._compiled is not None and not _Kernel.failed
+
+    def __call__(self, *args: Any, compiled: bool) -> Any:
+        if compiled and not _Kernel.failed:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.fn, dynamic=True)
+            try:
+                return self._compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - no compiler, unsupported backend, ...
+                _Kernel.failed = True
+                log.warning("torch.compile is unavailable for ADAPT scoring (%s: %s); using eager ops",
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return self.fn(*args, fused=False)
+
+
+_K_T2I = _Kernel(_t2i_scores)
+_K_ROWS_PREP = _Kernel(_rows_prep)
+_K_T2I_ROWS = _Kernel(_t2i_rows)
+_K_T2I_MOMENTS = _Kernel(_t2i_moments)
+_K_T2I_GRAD_X = _Kernel(_t2i_grad_x)
+_K_I2T = _Kernel(_i2t_scores)
+_K_I2T_ROWS = _Kernel(_i2t_rows)
+
+
+def compile_available() -> bool:
+    """Whether fused kernels may be compiled (``XMODAL_COMPILE=0`` turns compilation off)."""
+    return os.environ.get("XMODAL_COMPILE", "1") not in ("0", "false", "no") and not _Kernel.failed
+
+
+def _slices(n: int, size: int) -> Iterator[slice]:
+    size = max(1, int(size))
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
+
+
+def _grid(ni: int, nt: int, max_pairs: int) -> Iterator[tuple[slice, slice]]:
+    """Tiles covering ``ni x nt`` with at most ``max_pairs`` pairs each, whole image rows first."""
+    bi = max(1, min(ni, max_pairs))
+    bt = max(1, min(nt, max_pairs // bi))
+    for si in _slices(ni, bi):
+        for st in _slices(nt, bt):
+            yield si, st
+
+
+def _row_groups(owner: torch.Tensor, max_pairs: int,
+                max_padding: float = 0.2) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Group pairs by ``owner`` (the item whose tokens are reused) into padded rows.
+
+    Yields ``(owners (G,), pair_idx (G, T), valid (G, T))``: row ``g`` lists the pairs of
+    ``owners[g]`` (padded by repeating its first pair). Owners are taken in order of their
+    pair count and a group grows while ``G * T <= max_pairs`` (one owner may exceed it) and
+    at most ``max_padding`` of its slots are padding.
+    """
+    order = torch.argsort(owner, stable=True)
+    uniq, counts = torch.unique_consecutive(owner[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    by_count = torch.argsort(counts, stable=True)
+    counts_sorted = counts[by_count].tolist()
+    g0 = 0
+    while g0 < len(by_count):
+        g1, real = g0 + 1, counts_sorted[g0]
+        while g1 < len(by_count):
+            rows, width = g1 + 1 - g0, counts_sorted[g1]
+            if rows * width > max_pairs or rows * width > (1.0 + max_padding) * (real + width):
+                break
+            real += width
+            g1 += 1
+        rows = by_count[g0:g1]
+        width = counts_sorted[g1 - 1]
+        col = torch.arange(width, device=owner.device)[None]  # (1, T)
+        valid = col < counts[rows][:, None]  # (G, T)
+        pos = starts[rows][:, None] + torch.minimum(col, counts[rows][:, None] - 1)
+        yield uniq[rows], order[pos], valid
+        g0 = g1
+
+
+def _extremes(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item largest and smallest value of every channel over real tokens: (N, D) each."""
+    if mask is None:
+        return x.amax(1), x.amin(1)
+    m = ~mask[..., None]
+    return x.masked_fill(m, float("-inf")).amax(1), x.masked_fill(m, float("inf")).amin(1)
+
+
+def _shift(k: torch.Tensor, xmax: torch.Tensor, xmin: torch.Tensor) -> torch.Tensor:
+    """``(N_items, N_queries, D)``: the token extreme that makes ``k (x - shift) <= 0``."""
+    return torch.where(k[None] > 0, xmax[:, None], xmin[:, None])
+
+
+def _bias(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """Additive softmax mask ``(N, L)``: 0 for real tokens, -inf for padding."""
+    if mask is None:
+        return x.new_zeros(x.shape[:2])
+    return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+
+
+class _FoveaMean(torch.autograd.Function):
+    """``E_p[x]`` (Ni, Nt, D) with ``p = softmax_r(k_t * x_i)``, and its analytic gradient."""
+
+    @staticmethod
+    def forward(ctx, x, bias, k, xmax, xmin, compiled, max_pairs):  # type: ignore[override]
+        xext = _shift(k, xmax, xmin)  # (Ni, Nt, D)
+        ni, nt = x.shape[0], k.shape[0]
+        z = x.new_empty(ni, nt, x.shape[2])
+        s1, s2 = torch.empty_like(z), torch.empty_like(z)
+        for si, st in _grid(ni, nt, max_pairs):
+            z[si, st], s1[si, st], s2[si, st] = _K_T2I_MOMENTS(x[si], bias[si], k[st], xext[si, st],
+                                                              compiled=compiled)
+        mc = s1 / z  # mean relative to the shift
+        var = (s2 / z - mc * mc).clamp_min_(0.0)
+        ctx.save_for_backward(x, bias, k, xext, z, mc, var)
+        ctx.compiled, ctx.max_pairs = compiled, max_pairs
+        return xext + mc
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, bias, k, xext, z, mc, var = ctx.saved_tensors
+        grad_x = grad_k = None
+        if ctx.needs_input_grad[2]:
+            grad_k = (grad * var).sum(0)  # dE/dk = Var_p[x]
+        if ctx.needs_input_grad[0]:
+            a = grad / z
+            grad_x = torch.zeros_like(x)
+            for si, st in _grid(x.shape[0], k.shape[0], ctx.max_pairs):
+                grad_x[si] += _K_T2I_GRAD_X(x[si], bias[si], k[st], xext[si, st], a[si, st], mc[si, st],
+                                            compiled=ctx.compiled)
+        return grad_x, None, grad_k, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------
+# the model
+# ------------------------------------------------------------------------------------------
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return tokens.mean(1)
+    m = mask[..., None].to(tokens.dtype)  # (B, N, 1)
+    return (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def _as_bool_mask(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.dim() == 1:  # lengths
+        mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < mask.to(tokens.device)[:, None]
+    mask = mask.to(device=tokens.device, dtype=torch.bool)
+    if mask.shape != tokens.shape[:2]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match tokens {tuple(tokens.shape[:2])}")
+    if not bool(mask.any(1).all()):
+        raise XmodalError("ADAPT: an item has no real token (empty caption or image without regions)")
+    return None if bool(mask.all()) else mask
+
+
+class Adapt(PairScorer):
+    """ADAPT-T2I (``direction="t2i"``) or ADAPT-I2T (``direction="i2t"``) over two towers.
+
+    Representations (:meth:`encode_image_reps` / :meth:`encode_text_reps`) are
+    :class:`TowerOutput` objects computed once per item: the side being adapted keeps its
+    normalised tokens, the conditioning side only its global vector (``pooled``).
+    :meth:`score` scores every image against every caption of two sets.
+    """
+
+    task_name = "pair"
+
+    def __init__(self, image_tower: nn.Module | None, text_tower: nn.Module | None, dim: int, *,
+                 direction: str = "t2i", smooth: float = 10.0, train_smooth: bool = False,
+                 normalization: str = "batchnorm", region_act: str = "leaky_relu",
+                 region_l2norm: bool = True, word_l2norm: bool = True,
+                 frozen_image: bool = False, frozen_text: bool = False,
+                 fused: str = "auto", chunk_mb: float = 256.0) -> None:
+        super().__init__()
+        if direction not in ("t2i", "i2t"):
+            raise ConfigError(f"model.args.variant: expected t2i or i2t for one ADAPT model, got {direction!r}")
+        if normalization not in _NORMALIZATIONS:
+            raise ConfigError(f"model.args.normalization: expected one of {', '.join(_NORMALIZATIONS)}, "
+                              f"got {normalization!r}")
+        if region_act not in _ACTIVATIONS:
+            raise ConfigError(f"model.args.region_act: expected one of {', '.join(_ACTIVATIONS)}, got {region_act!r}")
+        if fused not in _FUSED:
+            raise ConfigError(f"model.args.fused: expected one of {', '.join(_FUSED)}, got {fused!r}")
+        if not chunk_mb > 0:
+            raise ConfigError(f"model.args.chunk_mb: expected a positive number, got {chunk_mb!r}")
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.frozen_image = frozen_image
+        self.frozen_text = frozen_text
+        self.dim = dim
+        self.direction = direction
+        self.region_act = region_act
+        self.region_l2norm = region_l2norm
+        self.word_l2norm = word_l2norm
+        self.fused = fused
+        self.chunk_bytes = int(chunk_mb * (1 << 20))
+        self.adapt = AdaptLayer(dim, dim)
+        self.norm = MaskedBatchNorm(dim, affine=False) if normalization == "batchnorm" else None
+        self.fovea = Fovea(smooth, train_smooth)
+
+    # housekeeping -------------------------------------------------------------------
+    def input_needs(self) -> tuple[str, str]:
+        return ("tokens", "tokens")
+
+    def train(self, mode: bool = True) -> "Adapt":
+        super().train(mode)
+        # frozen towers stay in eval mode (BatchNorm statistics, dropout off)
+        for tower, frozen in ((self.image_tower, self.frozen_image), (self.text_tower, self.frozen_text)):
+            if tower is not None and frozen:
+                tower.eval()
+        return self
+
+    def frozen_prefixes(self) -> list[str]:
+        """State-dict prefixes not saved in checkpoints: rebuilt from their own weights."""
+        return [p for p, f in (("image_tower.", self.frozen_image), ("text_tower.", self.frozen_text)) if f]
+
+    def _device(self) -> torch.device:
+        return self.adapt.fc_gamma.weight.device
+
+    def _compiled(self, work: int, kernel: "_Kernel") -> bool:
+        if self.fused == "eager" or not compile_available():
+            return False
+        return self.fused == "compile" or kernel.ready or work >= AUTO_COMPILE_MIN_WORK
+
+    # towers -------------------------------------------------------------------------
+    def _image_features(self, images: Any) -> TowerOutput:
+        if isinstance(images, TowerOutput):
+            return images
+        if self.image_tower is None:
+            raise XmodalError("ADAPT model has no image tower: pass cached TowerOutput features")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_image):
+            return self.image_tower(images)
+
+    def _text_features(self, texts: Any) -> TowerOutput:
+        if isinstance(texts, TowerOutput):
+            return texts
+        if self.text_tower is None:
+            raise XmodalError("ADAPT model has no text tower: pass cached TowerOutput features")
+        batch = texts if isinstance(texts, dict) else self.text_tower.tokenize(list(texts))
+        device = self._device()
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_text):
+            return self.text_tower(batch)
+
+    # representations ----------------------------------------------------------------
+    def _condition(self, vec: torch.Tensor) -> torch.Tensor:
+        """``[gamma + 1, beta, vec / |vec|]`` (B, 3D): what a conditioning vector contributes."""
+        scale, shift = self.adapt.scale_shift(vec)
+        return torch.cat([scale, shift, _l2norm(vec)], dim=-1)
+
+    def _split(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d = self.dim
+        return cond[..., :d], cond[..., d:2 * d], cond[..., 2 * d:]
+
+    def encode_image_reps(self, images: Any) -> TowerOutput:
+        """T2I: normalised regions ``(B, R, D)`` + mask; I2T: the image's conditioning
+        ``(B, 1, 3D)`` (see :meth:`_condition`). ``pooled`` is the image vector ``(B, D)``."""
+        feats = self._image_features(images)
+        x = feats.tokens
+        if x.dim() == 2:
+            x = x[:, None]  # (B, 1, D) pooled features as one region
+        mask = _as_bool_mask(feats.mask, x)
+        if self.region_act == "leaky_relu":
+            x = F.leaky_relu(x, 0.1)
+        if self.region_l2norm:
+            x = _l2norm(x)
+        pooled = _masked_mean(x, mask)  # (B, D) the image vector conditioning I2T
+        if self.direction == "i2t":
+            return TowerOutput(tokens=self._condition(pooled)[:, None], pooled=pooled, mask=None)
+        if self.norm is not None:
+            x = self.norm(x, mask)
+        return TowerOutput(tokens=x, pooled=pooled, mask=mask)
+
+    def encode_text_reps(self, texts: Any) -> TowerOutput:
+        """I2T: normalised words ``(B, L, D)`` + mask; T2I: the caption's conditioning
+        ``(B, 1, 3D)``, computed once per caption. ``pooled`` is the caption vector ``(B, D)``."""
+        feats = self._text_features(texts)
+        w = feats.tokens
+        mask = _as_bool_mask(feats.mask, w)
+        if self.word_l2norm:
+            w = _l2norm(w)
+        pooled = _masked_mean(w, mask)  # (B, D) the caption vector conditioning T2I
+        if self.direction == "t2i":
+            return TowerOutput(tokens=self._condition(pooled)[:, None], pooled=pooled, mask=None)
+        if self.norm is not None:
+            w = self.norm(w, mask)
+        return TowerOutput(tokens=w, pooled=pooled, mask=mask)
+
+    def first_stage_embeddings(self, image_reps: TowerOutput, text_reps: TowerOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit image and caption vectors (mean of regions / words): a cheap first stage."""
+        return _l2norm(image_reps.pooled), _l2norm(text_reps.pooled)
+
+    # scoring ------------------------------------------------------------------------
+    def _max_pairs(self, per_pair_bytes: int, compiled: bool = True) -> int:
+        """Pairs per chunk: the compiled kernels keep token tensors in registers, so only the
+        memory bound matters; eager ops write token-sized intermediates, kept cache-sized."""
+        budget = self.chunk_bytes if compiled else min(self.chunk_bytes, EAGER_CHUNK_BYTES)
+        return max(1, budget // max(1, per_pair_bytes))
+
+    def _needs_grad(self, *tensors: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
+                                            or any(p.requires_grad for p in self.parameters()))
+
+    def score(self, image_reps: TowerOutput, text_reps: TowerOutput) -> torch.Tensor:
+        """Scores ``(Ni, Nt)`` of every image against every caption (cosine, in [-1, 1])."""
+        if self.direction == "t2i":
+            return self._score_t2i(image_reps, text_reps)
+        return self._score_i2t(image_reps, text_reps)
+
+    def _score_t2i(self, img: TowerOutput, txt: TowerOutput) -> torch.Tensor:
+        x, mask, cond = img.tokens, img.mask, txt.tokens[:, 0]
+        ni, r, d = x.shape
+        nt = cond.shape[0]
+        scale, shift, chat = self._split(cond)  # (Nt, D) each
+        k = self.fovea.smooth * scale
+        bias = _bias(mask, x)
+        xmax, xmin = _extremes(x.detach(), mask)
+        if self._needs_grad(x, cond):
+            compiled = self._compiled(ni * nt * r * d, _K_T2I_MOMENTS)
+            per_pair = 4 * d * (3 if compiled else 4 * r)
+            m = _FoveaMean.apply(x, bias, k, xmax, xmin, compiled, self._max_pairs(per_pair, compiled))  # (Ni, Nt, D)
+            v = scale * m + shift
+            return (v * chat).sum(-1) / v.norm(dim=-1).clamp_min(EPS)
+        compiled = self._compiled(ni * nt * r * d, _K_T2I)
+        out = x.new_empty(ni, nt)
+        per_pair = 4 * d * (4 if compiled else 3 * r)
+        for si, st in _grid(ni, nt, self._max_pairs(per_pair, compiled)):
+            xext = _shift(k[st], xmax[si], xmin[si])
+            out[si, st] = _K_T2I(x[si], bias[si], k[st], xext, scale[st], shift[st], chat[st], compiled=compiled)
+        return out
+
+    def _score_i2t(self, img: TowerOutput, txt: TowerOutput) -> torch.Tensor:
+        cond, w, mask = img.tokens[:, 0], txt.tokens, txt.mask
+        nt, length, d = w.shape
+        ni = cond.shape[0]
+        scale, shift, qhat = self._split(cond)  # (Ni, D) each
+        if self._needs_grad(w, cond):
+            # autograd over chunks of captions, recomputed in backward: memory bounded by a chunk
+            bt = max(1, self._max_pairs(4 * d * length * 6) // max(1, ni))
+            parts = [checkpoint(self._i2t_autograd, w[st], None if mask is None else mask[st], scale, shift, qhat,
+                                use_reentrant=False) for st in _slices(nt, bt)]
+            return torch.cat(parts, dim=1)
+        k = self.fovea.smooth * scale
+        bias = _bias(mask, w)
+        wmax, wmin = _extremes(w, mask)
+        compiled = self._compiled(ni * nt * length * d, _K_I2T)
+        out = w.new_empty(ni, nt)
+        per_pair = 4 * d * (4 if compiled else 4 * length)
+        for st, si in _grid(nt, ni, self._max_pairs(per_pair, compiled)):
+            xext = _shift(k[si], wmax[st], wmin[st])  # (Nt, Ni, D)
+            out[si, st] = _K_I2T(w[st], bias[st], k[si], xext, scale[si], shift[si], qhat[si],
+                                 compiled=compiled).t()
+        return out
+
+    def _i2t_autograd(self, w, mask, scale, shift, qhat) -> torch.Tensor:
+        a = w[None] * scale[:, None, None] + shift[:, None, None]  # (Ni, Nt, L, D)
+        logits = a * self.fovea.smooth
+        if mask is not None:
+            logits = logits.masked_fill(~mask[None, :, :, None], float("-inf"))
+        out = torch.softmax(logits, dim=2) * a
+        if mask is not None:
+            out = out.masked_fill(~mask[None, :, :, None], float("-inf"))
+        v = out.amax(2)  # (Ni, Nt, D)
+        return (v * qhat[:, None]).sum(-1) / v.norm(dim=-1).clamp_min(EPS)
+
+    @torch.no_grad()
+    def score_pairs(self, image_reps: TowerOutput, text_reps: TowerOutput, image_idx: torch.Tensor,
+                    text_idx: torch.Tensor) -> torch.Tensor:
+        """Scores ``(P,)`` of the listed pairs ``(image_idx[p], text_idx[p])`` (re-ranking).
+
+        Pairs are grouped by the item whose tokens are adapted (images for T2I, captions for
+        I2T), so each item's tokens are read once per group, as in :meth:`score`.
+        """
+        ii = torch.as_tensor(image_idx, dtype=torch.long, device=self._device())
+        tt = torch.as_tensor(text_idx, dtype=torch.long, device=self._device())
+        t2i = self.direction == "t2i"
+        owner, other = (ii, tt) if t2i else (tt, ii)
+        tok_reps, vec_reps = (image_reps, text_reps) if t2i else (text_reps, image_reps)
+        x_all, mask_all = tok_reps.tokens, tok_reps.mask
+        length, d = x_all.shape[1], x_all.shape[2]
+        kernel = _K_T2I_ROWS if t2i else _K_I2T_ROWS
+        compiled = self._compiled(len(ii) * length * d, kernel)
+        per_pair = 4 * d * (8 if compiled else 3 * length)
+        out = torch.empty(len(ii), dtype=x_all.dtype, device=self._device())
+        cond = vec_reps.tokens[:, 0]  # (N_other, 3D) conditioning, computed once per item
+        smooth = torch.as_tensor(self.fovea.smooth, dtype=cond.dtype, device=cond.device)
+        for owners, pairs, valid in _row_groups(owner, self._max_pairs(per_pair, compiled)):
+            x = x_all[owners]  # (G, L, D)
+            mask = None if mask_all is None else mask_all[owners]
+            xmax, xmin = _extremes(x, mask)
+            per_pair_inputs = _K_ROWS_PREP(cond, other[pairs], xmax, xmin, smooth, compiled=compiled)
+            scores = kernel(x, _bias(mask, x), *per_pair_inputs, compiled=compiled)
+            out[pairs[valid]] = scores[valid]
+        return out
+
+
+class AdaptEnsemble(PairScorer):
+    """ADAPT-Ens: the average of the score matrices of separately trained ADAPT models."""
+
+    task_name = "pair"
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ConfigError("model.args.members: an ADAPT ensemble needs at least two models")
+        for m in members:
+            if not isinstance(m, PairScorer):
+                raise ConfigError(f"model.args.members: {type(m).__name__} is not a pair scorer")
+        self.members = nn.ModuleList(members)
+
+    def input_needs(self) -> tuple[str, str]:
+        return ("tokens", "tokens")
+
+    def encode_image_reps(self, images: Any) -> tuple:
+        return tuple(m.encode_image_reps(images) for m in self.members)
+
+    def encode_text_reps(self, texts: Any) -> tuple:
+        return tuple(m.encode_text_reps(texts) for m in self.members)
+
+    def score(self, image_reps: tuple, text_reps: tuple) -> torch.Tensor:
+        scores = [m.score(i, t) for m, i, t in zip(self.members, image_reps, text_reps)]
+        return torch.stack(scores).mean(0)
+
+    def score_pairs(self, image_reps: tuple, text_reps: tuple, image_idx: Any, text_idx: Any) -> torch.Tensor:
+        scores = [m.score_pairs(i, t, image_idx, text_idx) for m, i, t in zip(self.members, image_reps, text_reps)]
+        return torch.stack(scores).mean(0)
+
+    def first_stage_embeddings(self, image_reps: tuple, text_reps: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first member's cheap first stage."""
+        return self.members[0].first_stage_embeddings(image_reps[0], text_reps[0])
+
+
+# ------------------------------------------------------------------------------------------
+# construction from a config
+# ------------------------------------------------------------------------------------------
+_ARGS = {
+    "variant": str, "smooth": (int, float), "train_smooth": bool, "normalization": str,
+    "region_act": str, "region_l2norm": bool, "word_l2norm": bool, "fused": str,
+    "chunk_mb": (int, float), "members": list,
+}
+
+
+def _check_args(args: dict) -> dict:
+    out = dict(args)
+    for key, value in out.items():
+        if key not in _ARGS:
+            raise ConfigError(f"unknown config key 'model.args.{key}' for model type adapt; "
+                              f"valid keys: {', '.join(_ARGS)}")
+        want = _ARGS[key]
+        ok = isinstance(value, bool) if want is bool else (isinstance(value, want) and not isinstance(value, bool))
+        if not ok:
+            name = "true/false" if want is bool else ("a number" if isinstance(want, tuple) else want.__name__)
+            raise ConfigError(f"model.args.{key}: expected {name}, got {value!r}")
+    variant = out.get("variant", "t2i")
+    if variant not in VARIANTS:
+        raise ConfigError(f"model.args.variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
+    if variant != "ens" and "members" in out:
+        raise ConfigError("model.args.members: only used with variant: ens")
+    return out
+
+
+def build_adapt(cfg) -> nn.Module:
+    """Build ADAPT from a :class:`xmodal.config.ModelConfig` (``type: adapt``)."""
+    args = _check_args(cfg.args)
+    variant = args.pop("variant", "t2i")
+    if variant == "ens":
+        members = args.pop("members", None)
+        if not members:
+            raise ConfigError("model.args.members: variant ens averages separately trained ADAPT runs "
+                              "(as the paper does); list their run folders, e.g. [runs/t2i, runs/i2t]")
+        if args:
+            raise ConfigError(f"model.args: {', '.join(args)} belong to the member runs, not to variant ens")
+        from . import load
+
+        return AdaptEnsemble([load(str(run)) for run in members])
+    from .dual import build_towers
+
+    image, text = build_towers(cfg)
+    d_img, d_txt = int(image.output_dim), int(text.output_dim)
+    if d_img != d_txt:
+        raise ConfigError(f"model.image / model.text: ADAPT needs one latent size, but the image tower "
+                          f"gives {d_img}-d and the text tower {d_txt}-d (set both towers' output size, "
+                          f"e.g. model.image.args.out_dim)")
+    return Adapt(image, text, d_img, direction=variant, frozen_image=cfg.image.frozen,
+                 frozen_text=cfg.text.frozen, **args)
+
+
+@MODELS.register("adapt")
+def _build(cfg) -> nn.Module:
+    return build_adapt(cfg)
