@@ -18,7 +18,7 @@ stage; a small ADAPT-T2I (with linear region and word projections) is trained wi
 ADAPT's hinge loss. Table: shortlist size ``k`` vs rsum vs seconds, against exact ADAPT
 evaluation of every pair.
 
-    python benchmarks/pair_scoring.py                       # full run (about 20 minutes)
+    python benchmarks/pair_scoring.py                       # full run (about 12 minutes on 2 idle cores)
     python benchmarks/pair_scoring.py --quick               # small sizes, a minute or two
     python benchmarks/pair_scoring.py --skip-two-stage --json out.json
 """
@@ -184,7 +184,8 @@ class Synthetic:
     def __init__(self, concepts: int = 400, din: int = 64, dw: int = 64, regions: int = 36, words: int = 10,
                  objects: int = 6, seed: int = 0) -> None:
         g = np.random.default_rng(seed)
-        self.din, self.dw, self.regions, self.words, self.objects, self.concepts = din, dw, regions, words, objects, concepts
+        self.din, self.dw, self.regions, self.words = din, dw, regions, words
+        self.objects, self.concepts = objects, concepts
         self.codes = np.zeros((concepts, din), np.float32)
         for c in range(concepts):
             self.codes[c, g.choice(din, 6, replace=False)] = g.uniform(0.5, 1.5, 6)
@@ -345,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         args.images, args.captions, args.dim, args.ref_captions, args.ref_images = 200, 1000, 256, 16, 8
         args.ts_images, args.ts_train_images, args.ts_steps = 600, 2000, 150
     torch.set_num_threads(args.threads)
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+           "cpu": platform.processor() or platform.machine(),
            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "compile": adapt_mod.compile_available(),
            "load_average_at_start": os.getloadavg()[0]}
     print(f"torch {env['torch']}, {env['threads']} threads, {env['cpu_capability']}, compile={env['compile']}, "

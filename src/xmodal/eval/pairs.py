@@ -241,7 +241,8 @@ def shortlist(queries: torch.Tensor, candidates: torch.Tensor, rel: GroundTruth,
         missing = torch.nonzero(~pos.any(1) & torch.isfinite(thr)).squeeze(1)
         if len(missing):  # no positive is a strictly-higher candidate, so no positive is counted
             out["rank"][a + missing.cpu()] = (s[missing] > thr[missing, None]).sum(1).cpu()
-        out["vals"][a:b], out["idx"][a:b], out["pos"][a:b], out["thr"][a:b] = vals.cpu(), idx.cpu(), pos.cpu(), thr.cpu()
+        for key, value in (("vals", vals), ("idx", idx), ("pos", pos), ("thr", thr)):
+            out[key][a:b] = value.cpu()
     return out
 
 

@@ -34,6 +34,9 @@ largest region value when ``k > 0`` (smallest otherwise), so no exponent is posi
 work per pair and channel is one pass over the regions (an exp and two multiply-adds),
 fused by :func:`torch.compile` into one C++/OpenMP loop on CPU (falling back to chunked
 eager ops), with the regions of an image kept in cache while all captions of a block pass.
+The conditioning side's ``[gamma + 1, beta, unit vector]`` is part of its representation,
+computed once per caption (T2I) or image (I2T). ``fused="auto"`` compiles once a call is
+large enough to repay the seconds compilation costs (``AUTO_COMPILE_MIN_WORK``).
 Training uses a custom autograd function with the analytic gradient
 (``dE_p[x]/dk = Var_p[x]``, ``dE_p[x]/dx_r = p_r (1 + k (x_r - E_p[x]))``), so memory is
 ``O(Ni * Nt * D)`` instead of ``O(Ni * Nt * R * D)``.
@@ -543,7 +546,8 @@ class Adapt(PairScorer):
             w = self.norm(w, mask)
         return TowerOutput(tokens=w, pooled=pooled, mask=mask)
 
-    def first_stage_embeddings(self, image_reps: TowerOutput, text_reps: TowerOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    def first_stage_embeddings(self, image_reps: TowerOutput,
+                               text_reps: TowerOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit image and caption vectors (mean of regions / words): a cheap first stage."""
         return _l2norm(image_reps.pooled), _l2norm(text_reps.pooled)
 
