@@ -11,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import ScoreMatrixLoss
+
 from . import LOSSES, resolve_pos_mask
 
 
 @LOSSES.register("infonce")
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(ScoreMatrixLoss):
     """Symmetric InfoNCE of CLIP (Radford et al., 2021).
 
     ``logits = exp(logit_scale) * scores`` with ``logit_scale`` initialised to
@@ -36,10 +38,6 @@ class InfoNCELoss(nn.Module):
                                         requires_grad=learn_temperature)
         self.max_scale = max_scale
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, *, pos_mask: torch.Tensor | None = None,
-                step: int | None = None) -> dict[str, torch.Tensor]:
-        return self.from_scores(image_emb @ text_emb.t(), pos_mask=pos_mask, step=step)
-
     def from_scores(self, scores: torch.Tensor, pos_mask: torch.Tensor | None = None,
                     step: int | None = None) -> dict[str, torch.Tensor]:
         """Loss from a similarity matrix ``(Bi, Bt)`` (before the temperature)."""
@@ -58,7 +56,7 @@ class InfoNCELoss(nn.Module):
 
 
 @LOSSES.register("siglip")
-class SigLIPLoss(nn.Module):
+class SigLIPLoss(ScoreMatrixLoss):
     """Pairwise sigmoid loss of SigLIP (Zhai et al., 2023).
 
     ``z_it = exp(t') * s_it + b`` with ``t'`` initialised to ``log(init_scale)`` (log 10) and
@@ -71,10 +69,6 @@ class SigLIPLoss(nn.Module):
         super().__init__()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learn)
         self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)), requires_grad=learn)
-
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, *, pos_mask: torch.Tensor | None = None,
-                step: int | None = None) -> dict[str, torch.Tensor]:
-        return self.from_scores(image_emb @ text_emb.t(), pos_mask=pos_mask, step=step)
 
     def from_scores(self, scores: torch.Tensor, pos_mask: torch.Tensor | None = None,
                     step: int | None = None) -> dict[str, torch.Tensor]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base import ScoreMatrixLoss
+
 from ..errors import ConfigError
 from . import LOSSES, resolve_pos_mask
 
@@ -42,7 +44,7 @@ def _check_reduction(reduction: str) -> str:
 
 
 @LOSSES.register("hinge")
-class HingeLoss(nn.Module):
+class HingeLoss(ScoreMatrixLoss):
     """VSE++ (Faghri et al., 2018) contrastive hinge loss on dot-product scores.
 
     Pass L2-normalised embeddings for cosine scores. Returns ``{"hinge_loss": ...}``.
@@ -53,10 +55,6 @@ class HingeLoss(nn.Module):
         self.margin = margin
         self.max_violation = max_violation
         self.reduction = _check_reduction(reduction)
-
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, *, pos_mask: torch.Tensor | None = None,
-                step: int | None = None) -> dict[str, torch.Tensor]:
-        return self.from_scores(image_emb @ text_emb.t(), pos_mask=pos_mask, step=step)
 
     def from_scores(self, scores: torch.Tensor, pos_mask: torch.Tensor | None = None,
                     step: int | None = None) -> dict[str, torch.Tensor]:
@@ -73,7 +71,7 @@ class HingeLoss(nn.Module):
 
 
 @LOSSES.register("adapt_hinge")
-class AdaptHingeLoss(nn.Module):
+class AdaptHingeLoss(ScoreMatrixLoss):
     """ADAPT's hinge loss: from the sum of all violations to the hardest one.
 
     ``loss = (1 - k) * sum_violations + k * max_violations`` with ``k = 1 - beta**n``,
@@ -96,10 +94,6 @@ class AdaptHingeLoss(nn.Module):
     def k_at(self, n: int) -> float:
         """Weight of the max-violation term at iteration ``n`` (1-based)."""
         return 1.0 - self.beta ** n
-
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, *, pos_mask: torch.Tensor | None = None,
-                step: int | None = None) -> dict[str, torch.Tensor]:
-        return self.from_scores(image_emb @ text_emb.t(), pos_mask=pos_mask, step=step)
 
     def from_scores(self, scores: torch.Tensor, pos_mask: torch.Tensor | None = None,
                     step: int | None = None) -> dict[str, torch.Tensor]:
