@@ -239,3 +239,74 @@ def write_table(path: Path, rows: list[dict] | None = None) -> Path:
     else:
         raise ValueError(path.suffix)
     return path
+
+
+# FooDI-ML catalogue with real image files (for end-to-end training) ---------------------------
+FOODIML_PRODUCTS = [  # (product_name, collection_section, product_description, RGB, shape)
+    ("Coca-Cola", "Bebidas", "lata 33cl", (200, 20, 20), "circle"),
+    ("Fanta Naranja", "Bebidas", "lata 33cl", (250, 140, 0), "circle"),
+    ("Agua Mineral", "Bebidas", "botella 50cl", (60, 140, 250), "bar"),
+    ("Hamburguesa Clásica", "Principales", "ternera, queso y lechuga", (120, 70, 20), "square"),
+    ("Pizza Margarita", "Principales", "tomate y mozzarella", (240, 200, 60), "triangle"),
+    ("Ensalada César", "Entrantes", "lechuga, pollo y parmesano", (40, 170, 40), "square"),
+    ("Patatas Fritas", "Entrantes", "", (250, 230, 90), "bar"),
+    ("Helado de Chocolate", "Postres", "tarrina 500ml", (90, 50, 30), "circle"),
+    ("Tarta de Queso", "Postres", "porción", (250, 245, 220), "triangle"),
+    ("Café con Leche", "Cafés", "taza grande", (180, 140, 100), "circle"),
+    ("Zumo Verde", "Bebidas", "kale y manzana", (20, 110, 60), "bar"),
+    ("Sushi Variado", "Principales", "12 piezas", (240, 240, 240), "square"),
+]
+
+
+def _product_image(rgb, shape, variant: int, tint: int = 0, size: int = 96):
+    """A product photo stand-in: the product's colour and shape on a light background; the
+    variant shifts the position and the background, the tint the background, so files differ."""
+    from PIL import Image, ImageDraw
+
+    bg = (235 - 12 * variant - tint, 235 - tint, 225 + 6 * variant)
+    im = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(im)
+    o = 6 * variant
+    box = (16 + o, 16 + o, 64 + o, 64 + o)
+    if shape == "circle":
+        d.ellipse(box, fill=rgb)
+    elif shape == "square":
+        d.rectangle(box, fill=rgb)
+    elif shape == "triangle":
+        d.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=rgb)
+    else:  # bar
+        d.rectangle((box[0] + 14, box[1] - 8, box[2] - 14, box[3] + 8), fill=rgb)
+    return im
+
+
+def write_foodiml_catalogue(folder: Path) -> tuple[Path, list[dict]]:
+    """A released-format CSV of a dozen products sold by several stores, with the images it names.
+
+    In each split a product is listed by 3 stores: stores 0 and 1 share the caption with two
+    different pictures (duplicates by caption); store 2 words the description differently but
+    reuses store 0's picture under another file name with the same ``hash`` (a duplicate by
+    hash). One row is repeated verbatim (an exact duplicate the preprocessing drops). Products
+    0-9 are in train and listed again, with other pictures, in val (0-4) or test (5-9);
+    10-11 are in test only (unseen words): train 30 rows, val 15, test 21. Returns (csv, rows).
+    """
+    rows = []
+    for p, (name, section, desc, rgb, shape) in enumerate(FOODIML_PRODUCTS):
+        subsets = (["train", "val"] if p < 5 else ["train", "test"]) if p < 10 else ["test"]
+        for subset in subsets:
+            tint = 0 if subset == "train" else 20  # the brand's photo, re-shot when relisted
+            for s in range(3):
+                variant = 1 if s == 1 else 0
+                path = f"dataset/ES/{subset}_{p:02d}_{s}.png"
+                _product_image(rgb, shape, variant, tint).save(_mkparent(folder / path))
+                rows.append({"country_code": "ES", "city_code": "MAD", "store_name": f"Tienda {s}",
+                             "product_name": name, "collection_section": section,
+                             "product_description": (f"{desc} oferta" if s == 2 else desc),
+                             "subset": subset, "HIER": "True", "s3_path": path,
+                             "hash": f"h{subset}{p:02d}v{variant}"})
+    rows.append(dict(rows[0]))  # an exact duplicate row
+    return write_foodiml_csv(folder / "glovo-foodi-ml-dataset.csv", rows), rows
+
+
+def _mkparent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

@@ -417,6 +417,17 @@ def _first_difference(a: Mapping, b: Mapping) -> str:
     return "(none)"
 
 
+def _reuse_finished(out_dir: Path, inputs: dict) -> "FeatureSet":
+    """The finished features in ``out_dir``, if they were made from ``inputs`` (else a DataError)."""
+    manifest = _read_json(out_dir / MANIFEST)
+    old = manifest.get("inputs") if isinstance(manifest, dict) else None
+    if old != inputs:
+        diff = _first_difference(old, inputs) if isinstance(old, dict) else "unreadable manifest"
+        raise DataError(f"{where(out_dir)}already holds features made from other inputs ({diff}); "
+                        "choose another folder or pass --overwrite (overwrite=True)")
+    log.info("%s: features already extracted, reusing them", out_dir)
+    return FeatureSet.open(out_dir)
+
 def extract_features(
     dataset: CrossModalDataset,
     tower: ImageTower,
@@ -472,14 +483,7 @@ def extract_features(
     inputs = _inputs(dataset, spec, grid, dtype)
 
     if (out_dir / MANIFEST).is_file() and not overwrite:
-        manifest = _read_json(out_dir / MANIFEST)
-        old = manifest.get("inputs") if isinstance(manifest, dict) else None
-        if old != inputs:
-            diff = _first_difference(old, inputs) if isinstance(old, dict) else "unreadable manifest"
-            raise DataError(f"{where(out_dir)}already holds features made from other inputs ({diff}); "
-                            "choose another folder or pass --overwrite (overwrite=True)")
-        log.info("%s: features already extracted, reusing them", out_dir)
-        return FeatureSet.open(out_dir)
+        return _reuse_finished(out_dir, inputs)
 
     partial = _Partial(out_dir)
     partial.lock()
@@ -707,6 +711,138 @@ def _finish(partial: _Partial) -> FeatureSet:
     return fs
 
 
+# --------------------------------------------------------------------------- several processes
+SHARDS = ".shards"
+
+
+class _PixelSlice:
+    """Pixels ``lo..hi`` of a dataset's pixel accessor, indexed from 0."""
+
+    def __init__(self, pixels: Any, lo: int, hi: int) -> None:
+        self.pixels, self.lo, self.hi = pixels, lo, hi
+        if hasattr(pixels, "load_pixels"):  # keep the accessor's fast batched path
+            self.load_pixels = lambda idx: pixels.load_pixels(np.asarray(idx, dtype=np.int64) + lo)
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, i: int) -> Any:
+        return self.pixels[self.lo + int(i)]
+
+
+class _ShardView:
+    """Images ``lo..hi`` of a dataset: the part of a dataset that extraction reads."""
+
+    def __init__(self, dataset: CrossModalDataset, lo: int, hi: int) -> None:
+        self._ds, self._lo = dataset, lo
+        self.name, self.split, self.root = dataset.name, dataset.split, dataset.root
+        self.image_ids = list(dataset.image_ids[lo:hi])
+        self.image_paths = None if dataset.image_paths is None else list(dataset.image_paths[lo:hi])
+        pixels = dataset.meta.get("pixels") if isinstance(dataset.meta, Mapping) else None
+        self.meta = {"pixels": _PixelSlice(pixels, lo, hi)} if pixels is not None else {}
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, i: int) -> Path:
+        return self._ds.image_path(self._lo + i)
+
+
+def extract_features_sharded(dataset: CrossModalDataset, tower: ImageTower, out_dir: str | Path, *,
+                             env: Any, tower_spec: Mapping[str, Any] | None = None, batch_size: int = 64,
+                             grid: bool = True, dtype: str = "float16", overwrite: bool = False,
+                             progress: bool = True, device: str | torch.device = "cpu",
+                             **kw: Any) -> FeatureSet:
+    """:func:`extract_features` split over the processes of a ``torchrun`` job.
+
+    Every process calls it with the same arguments and ``env`` (a
+    :class:`xmodal.train.distributed.DistEnv`). Rank ``r`` extracts the ``r``-th contiguous
+    shard of the images, cut on whole batches so its batches are those of a 1-process run,
+    into ``<out>/.shards/`` (a resumable feature folder of its own); rank 0 then merges the
+    shards into ``<out>`` through the same ``.partial`` folder and manifest-last rename as
+    a 1-process extraction, so the result, manifest inputs included, is the same folder.
+    Every process returns the merged :class:`FeatureSet`.
+    """
+    from .train.distributed import barrier, shard_bounds
+
+    out_dir = Path(out_dir)
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if dataset.num_images == 0:
+        raise DataError(f"{dataset.name}/{dataset.split}: dataset has no images")
+    spec = dict(tower_spec) if tower_spec is not None else _describe_tower(tower)
+    inputs = _inputs(dataset, spec, grid, dtype)
+    if (out_dir / MANIFEST).is_file() and not overwrite:
+        return _reuse_finished(out_dir, inputs)
+
+    n = dataset.num_images
+    shard_dir = lambda r: out_dir / SHARDS / f"{r:05d}-of-{env.world_size:05d}"  # noqa: E731
+    lo, hi = shard_bounds(n, env, align=batch_size)
+    if hi > lo:
+        extract_features(_ShardView(dataset, lo, hi), tower, shard_dir(env.rank),  # type: ignore[arg-type]
+                         tower_spec=spec, batch_size=batch_size, grid=grid, dtype=dtype, overwrite=overwrite,
+                         progress=progress and env.is_main, device=device, **kw)
+    barrier(env)  # every shard is complete
+    if env.is_main:
+        bounds = []
+        for r in range(env.world_size):
+            rlo, rhi = shard_bounds(n, dataclasses.replace(env, rank=r), align=batch_size)
+            if rhi > rlo:
+                bounds.append((rlo, rhi, shard_dir(r)))
+        _merge_shards(dataset, out_dir, inputs, bounds, batch_size=batch_size, device=device,
+                      overwrite=overwrite)
+    barrier(env)  # the merged folder is in place
+    return FeatureSet.open(out_dir)
+
+
+def _merge_shards(dataset: CrossModalDataset, out_dir: Path, inputs: dict,
+                  shards: list[tuple[int, int, Path]], *, batch_size: int, device: Any, overwrite: bool) -> None:
+    """Concatenate shard folders into ``out_dir``; the manifest goes in last (atomic)."""
+    parts = [(lo, hi, FeatureSet.open(path)) for lo, hi, path in shards]
+    for lo, hi, fs in parts:
+        if fs.ids != list(dataset.image_ids[lo:hi]):
+            raise DataError(f"{where(fs.path)}shard does not hold images {lo}..{hi - 1} of "
+                            f"{dataset.name}/{dataset.split}; remove {out_dir / SHARDS} and extract again")
+    partial = _Partial(out_dir)
+    partial.lock()
+    try:
+        partial.clear()
+        if overwrite:
+            _remove_feature_files(out_dir)
+        n = dataset.num_images
+        first = parts[0][2]
+        shapes = {"pooled": [n, *first.pooled.shape[1:]]}
+        if first.grid is not None:
+            shapes["grid"] = [n, *first.grid.shape[1:]]
+        _write_json_atomic(partial.dir / "ids.json", list(dataset.image_ids))
+        arrays = {key: np.lib.format.open_memmap(partial.dir / f"{key}.npy", mode="w+", dtype=inputs["dtype"],
+                                                 shape=tuple(shape)) for key, shape in shapes.items()}
+        valid = np.lib.format.open_memmap(partial.dir / "valid.npy", mode="w+", dtype=np.bool_, shape=(n,))
+        skipped: list[dict] = []
+        elapsed = 0.0
+        for lo, hi, fs in parts:
+            arrays["pooled"][lo:hi] = fs.pooled
+            if "grid" in arrays:
+                arrays["grid"][lo:hi] = fs.grid
+            valid[lo:hi] = fs.valid
+            skipped += [{**s, "index": int(s["index"]) + lo} for s in fs.skipped]
+            elapsed = max(elapsed, float(fs.manifest.get("elapsed_s") or 0.0))  # shards run side by side
+        for arr in (*arrays.values(), valid):
+            arr.flush()
+        del arrays, valid
+        state = {"inputs": inputs, "shapes": shapes, "skipped": skipped, "elapsed_s": elapsed,
+                 "started": min(str(fs.manifest.get("started") or "") for _, _, fs in parts) or None}
+        del parts
+        _write_manifest(partial, state, dataset, torch.device(device), batch_size)
+        _finish(partial)
+    finally:
+        partial.unlock()
+    shutil.rmtree(out_dir / SHARDS, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- cache and use
 def cache_key(dataset: CrossModalDataset, tower_spec: Mapping[str, Any], *, grid: bool = True,
               dtype: str = "float16") -> str:
@@ -762,5 +898,5 @@ def apply_valid(dataset: CrossModalDataset, features: FeatureSet, *, use: str = 
     return dataclasses.replace(ds, image_features=np.asarray(arr[keep]))
 
 
-__all__ = ["FeatureSet", "extract_features", "cached_features", "cache_key", "apply_valid",
+__all__ = ["FeatureSet", "extract_features", "extract_features_sharded", "cached_features", "cache_key", "apply_valid",
            "default_cache_root", "ids_sha256", "DATA_FILES", "MANIFEST"]

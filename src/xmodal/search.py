@@ -15,6 +15,7 @@ Only a model's ``encode_image`` / ``encode_text`` are used, so any :class:`Embed
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 import hashlib
 import json
 import logging
@@ -250,19 +251,26 @@ def _encode_dataset(model: Any, cfg: Any, spec: DataSpec, modality: str, lang: s
         raise DataError(f"{spec.describe()}: no {modality}s to index")
     for idx in track(_batches(n, batch_size), f"encoding {modality}s", total=-(-n // batch_size), enabled=progress):
         vecs = encode(inputs(idx, "cpu")).float()  # (B, D)
-        ids, meta = [], []
-        for i in idx.tolist():
-            if modality == "image":
-                m = {**base, "image_id": ds.image_ids[i]}
-                if ds.image_paths is not None:
-                    m["path"] = str(ds.image_path(i))
-                ids.append(f"{id_prefix}{ds.image_ids[i]}")
-            else:
-                m = {**base, "text_id": ds.text_ids[i], "caption": ds.captions[i],
-                     "image_ids": [ds.image_ids[j] for j in ds.gt.images_of(i).tolist()]}
-                ids.append(f"{id_prefix}{ds.text_ids[i]}")
-            meta.append(m)
+        ids, meta = item_records(ds, idx, modality, base, id_prefix)
         yield vecs, ids, meta
+
+
+def item_records(ds: Any, idx: np.ndarray, modality: str, base: dict, id_prefix: str) -> tuple[list, list]:
+    """Ids and metadata that an index stores for dataset items ``idx`` (images: id and path;
+    captions: id, text and the ids of their images)."""
+    ids, meta = [], []
+    for i in idx.tolist():
+        if modality == "image":
+            m = {**base, "image_id": ds.image_ids[i]}
+            if ds.image_paths is not None:
+                m["path"] = str(ds.image_path(i))
+            ids.append(f"{id_prefix}{ds.image_ids[i]}")
+        else:
+            m = {**base, "text_id": ds.text_ids[i], "caption": ds.captions[i],
+                 "image_ids": [ds.image_ids[j] for j in ds.gt.images_of(i).tolist()]}
+            ids.append(f"{id_prefix}{ds.text_ids[i]}")
+        meta.append(m)
+    return ids, meta
 
 
 def _pixel_tower(model: Any, what: str) -> Any:
@@ -409,19 +417,137 @@ def encode_image_queries(model: EmbeddingScorer, paths: list[str | os.PathLike])
     return model.encode_image(pixels).float().cpu().numpy()
 
 
-def search_text(index: Index, model: EmbeddingScorer, text: str, k: int = 10) -> list[dict[str, Any]]:
-    """Top-``k`` rows of ``index`` for one text query: ``[{"rank", "score", "id", **metadata}]``."""
+class Reranker:
+    """A pair scorer (ADAPT, ALADIN's alignment head, a cross-encoder) re-scoring an index's
+    shortlist: the index's embedding model finds the top ``k`` candidates, the pair scorer
+    scores each (query, candidate) pair and orders them; the two-stage ranking of
+    :func:`xmodal.eval.pairs.two_stage_ranks`, for one query.
+
+    Candidates are re-encoded from the index's metadata (an image index needs ``path``, a text
+    index ``caption``); their representations are kept in an LRU cache of ``cache_items``
+    rows, so a server pays the encoding once per popular candidate.
+    """
+
+    def __init__(self, model: Any, k: int = 100, cache_items: int = 4096) -> None:
+        if not isinstance(model, PairScorer):
+            raise ConfigError(f"re-ranker: {type(model).__name__} is not a pair scorer "
+                              "(an embedding model's order is the index's own)")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
+            raise XmodalError(f"--rerank-k {k!r}: must be an integer between 1 and {MAX_K}")
+        self.model = model.eval()
+        self.k = int(k)
+        self.cache_items = int(cache_items)
+        self._cache: "OrderedDict[tuple[str, int], Any]" = OrderedDict()
+
+    def shortlist_size(self, k: int, index: Index) -> int:
+        """Rows to fetch from the index for ``k`` results (at least ``k``)."""
+        return int(min(max(self.k, k), len(index)))
+
+    def _candidate_reps(self, index: Index, rows: np.ndarray) -> Any:
+        from .eval.pairs import concat_reps, take_reps
+
+        key = str(index.path)
+        missing = [int(r) for r in rows.tolist() if (key, int(r)) not in self._cache]
+        if missing:
+            metas = index.metadata(np.asarray(missing, dtype=np.int64))
+            if index.modality == "image":
+                paths = []
+                for row, m in zip(missing, metas):
+                    if not m.get("path"):
+                        raise XmodalError(f"{where(index.path)}row {row} has no image path: re-ranking "
+                                          "re-encodes the shortlisted images, so the index must name their files")
+                    paths.append(m["path"])
+                reps = self.model.encode_image_reps(_pixels(self.model, paths, "re-ranking"))
+            else:
+                caps = []
+                for row, m in zip(missing, metas):
+                    if not m.get("caption"):
+                        raise XmodalError(f"{where(index.path)}row {row} has no caption to re-rank")
+                    caps.append(m["caption"])
+                reps = self.model.encode_text_reps(caps)
+            for j, row in enumerate(missing):
+                self._cache[(key, row)] = take_reps(reps, slice(j, j + 1))
+        parts = []
+        for r in rows.tolist():
+            self._cache.move_to_end((key, int(r)))
+            parts.append(self._cache[(key, int(r))])
+        while len(self._cache) > self.cache_items:
+            self._cache.popitem(last=False)
+        return concat_reps(parts)
+
+    @torch.inference_mode()
+    def rerank(self, index: Index, query: Any, modality: str, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Re-score the shortlist ``rows`` (one query's, ``-1`` = padding) and keep the top ``k``.
+
+        ``query`` is a text (``modality="text"``), an image path or a PIL image. Returns
+        ``(scores, rows)``.
+        """
+        rows = rows[rows >= 0]
+        if index.modality == modality:
+            raise XmodalError(f"re-ranking scores image-text pairs: a {modality} query against a "
+                              f"{index.modality} index has none")
+        cand = self._candidate_reps(index, rows)
+        if modality == "text":
+            q = self.model.encode_text_reps([query])
+            scores = self.model.score(cand, q)[:, 0]  # (K,) images x one text
+        else:
+            img = query if hasattr(query, "convert") else open_indexed_image(str(query))  # PIL or path
+            q = self.model.encode_image_reps(_pixel_tower(self.model, "an image query").preprocess(img)[None])
+            scores = self.model.score(q, cand)[0]  # (K,) one image x texts
+        scores = scores.float().cpu().numpy()
+        order = np.argsort(-scores, kind="stable")[:k]
+        return scores[order], rows[order]
+
+
+#: how the emoji dataset's virtual image paths (``<asset folder>/emoji:/<style>/<unified>``)
+#: appear in index metadata
+EMOJI_MARK = "emoji:/"
+
+
+def open_indexed_image(path: str) -> Any:
+    """The image an index row's ``path`` names: a file, or an emoji of the packaged dataset."""
+    if EMOJI_MARK in path:
+        from .data import emoji
+
+        asset, _, image_id = path.partition(EMOJI_MARK)
+        return emoji.open_uri(emoji.URI_SCHEME + image_id, asset.rstrip("/\\") or "emoji")
+    from .data.images import open_image
+
+    return open_image(Path(path))
+
+
+def _pixels(model: Any, paths: list[Any], what: str) -> torch.Tensor:
+    tower = _pixel_tower(model, what)
+    return torch.stack([tower.preprocess(open_indexed_image(str(p))) for p in paths])  # (N, 3, H, W)
+
+
+def search_text(index: Index, model: EmbeddingScorer, text: str, k: int = 10,
+                reranker: Reranker | None = None) -> list[dict[str, Any]]:
+    """Top-``k`` rows of ``index`` for one text query: ``[{"rank", "score", "id", **metadata}]``.
+
+    With a ``reranker``, its pair scorer re-orders the index's top ``reranker.k`` and the
+    scores are the pair scorer's.
+    """
     if not isinstance(text, str) or not text.strip():
         raise XmodalError("empty query: give some text (or --image PATH)")
     k = check_k(k, index)
-    scores, rows = index.search(encode_text_queries(model, [text.strip()]), k)
+    n = reranker.shortlist_size(k, index) if reranker is not None else k
+    scores, rows = index.search(encode_text_queries(model, [text.strip()]), n)
+    if reranker is not None:
+        s, r = reranker.rerank(index, text.strip(), "text", rows[0], k)
+        return _results(index, s, r)
     return _results(index, scores[0], rows[0])
 
 
-def search_image(index: Index, model: EmbeddingScorer, image: str | os.PathLike, k: int = 10) -> list[dict[str, Any]]:
-    """Top-``k`` rows of ``index`` for one image file."""
+def search_image(index: Index, model: EmbeddingScorer, image: str | os.PathLike, k: int = 10,
+                 reranker: Reranker | None = None) -> list[dict[str, Any]]:
+    """Top-``k`` rows of ``index`` for one image file (re-ranked as in :func:`search_text`)."""
     k = check_k(k, index)
-    scores, rows = index.search(encode_image_queries(model, [image]), k)
+    n = reranker.shortlist_size(k, index) if reranker is not None else k
+    scores, rows = index.search(encode_image_queries(model, [image]), n)
+    if reranker is not None:
+        s, r = reranker.rerank(index, image, "image", rows[0], k)
+        return _results(index, s, r)
     return _results(index, scores[0], rows[0])
 
 

@@ -8,12 +8,16 @@ from . import arguments, command
 
 
 def _args(p) -> None:
-    p.add_argument("run", help="run folder written by xmodal train")
+    p.add_argument("run", help="run folder written by xmodal train (or the config of a model with nothing "
+                                "to train, e.g. an ADAPT ensemble of finished runs)")
     p.add_argument("--split", default=None, help="split to evaluate (default: the config's test split)")
     p.add_argument("--protocol", default=None, help="full, coco1k, coco5k, f30k1k, recipe1k, recipe10k")
     p.add_argument("--lang", default=None, help="caption language (default: the config's eval_lang)")
     p.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint folder")
     p.add_argument("--rerank-k", type=int, default=None, help="two-stage shortlist size for pair scorers")
+    p.add_argument("--first-stage", default=None, metavar="RUN",
+                   help="an embedding model's run folder whose top --rerank-k the pair scorer re-ranks "
+                        "(default: the pair scorer's own cheap first stage)")
     p.add_argument("--report", default=None, help="write report.html / PNGs / metrics.json into this folder")
     p.add_argument("--json", action="store_true", help="print one JSON object with the metric keys")
 
@@ -31,9 +35,20 @@ def run(args) -> int:
     lang = args.lang or cfg.data.eval_lang
     progress = sys.stderr.isatty() and not args.json
     data = prepare_split(cfg, model, split, lang, progress=progress)
+    rerank_k = cfg.eval.rerank_k if args.rerank_k is None else args.rerank_k
+    first = None
+    if args.first_stage:
+        from ..errors import XmodalError
+        from ..eval.encode import first_stage_for
+
+        if not rerank_k:
+            raise XmodalError("--first-stage shortlists for a re-ranker: give --rerank-k K (e.g. 100)")
+        first_model = load(args.first_stage)
+        first_data = prepare_split(first_model.xmodal_config, first_model, split, lang, progress=progress)
+        first = first_stage_for(first_model, first_data, data, progress=progress)
     res = evaluate_split(model, data, protocol=args.protocol or cfg.eval.protocol,
                          block_size=cfg.eval.block_size, progress=progress, return_ranks=bool(args.report),
-                         rerank_k=cfg.eval.rerank_k if args.rerank_k is None else args.rerank_k)
+                         rerank_k=rerank_k, first_stage=first)
     metrics = res["metrics"]
     if args.report:
         from ..demo import write_run_report

@@ -1,4 +1,8 @@
-"""``xmodal extract``: run a frozen image tower over a dataset split and store the features."""
+"""``xmodal extract``: run a frozen image tower over a dataset split and store the features.
+
+Under ``torchrun`` each process extracts a contiguous shard and rank 0 merges them into
+the one feature folder (see docs/distributed.md).
+"""
 from __future__ import annotations
 
 import argparse
@@ -78,7 +82,8 @@ def _args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data.base import load_dataset
     from ..data.images import DEFAULT_MAX_PIXELS
-    from ..features import extract_features
+    from ..features import extract_features, extract_features_sharded
+    from ..train.distributed import env_from_environ, session
 
     dataset = load_dataset(args.format, args.path, args.split, **_key_values(args.data_arg, "--data-arg"))
     tower_kwargs = _key_values(args.tower_arg, "--tower-arg")
@@ -89,13 +94,20 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(getattr(tower, "image_size", None), int):
         spec.setdefault("image_size", tower.image_size)  # pin the default, so a changed default never reuses
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
-    print(f"extracting {dataset.summary()} with {args.tower} into {args.out}", file=sys.stderr)
-    fs = extract_features(
-        dataset, tower, args.out, tower_spec=spec, batch_size=args.batch_size, on_error=args.on_error,
-        grid=not args.no_grid, dtype=args.dtype, num_workers=args.workers, progress=not args.no_progress,
-        device=args.device, max_pixels=max_pixels,
-        overwrite=args.overwrite,
-    )
+    options = dict(tower_spec=spec, batch_size=args.batch_size, on_error=args.on_error, grid=not args.no_grid,
+                   dtype=args.dtype, num_workers=args.workers, progress=not args.no_progress,
+                   max_pixels=max_pixels, overwrite=args.overwrite)
+    if env_from_environ().enabled:  # launched by torchrun: one shard per process, merged by rank 0
+        with session(args.device) as (env, device):
+            if env.is_main:
+                print(f"extracting {dataset.summary()} with {args.tower} into {args.out} "
+                      f"({env.world_size} processes)", file=sys.stderr)
+            fs = extract_features_sharded(dataset, tower, args.out, env=env, device=device, **options)
+        if not env.is_main:
+            return 0
+    else:
+        print(f"extracting {dataset.summary()} with {args.tower} into {args.out}", file=sys.stderr)
+        fs = extract_features(dataset, tower, args.out, device=args.device, **options)
     skipped = fs.skipped
     grid = f", grid {list(fs.grid.shape)}" if fs.grid is not None else ""
     print(f"features for {fs.num_images} images in {fs.path} (pooled {list(fs.pooled.shape)}{grid}, "

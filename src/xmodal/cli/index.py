@@ -1,4 +1,8 @@
-"""``xmodal index RUN --data SPEC --out INDEX [--modality image|text] [--backend B] [--add]``."""
+"""``xmodal index RUN --data SPEC --out INDEX [--modality image|text] [--backend B] [--add]``.
+
+Under ``torchrun`` each process encodes a contiguous shard and rank 0 builds the one index
+from them (see docs/distributed.md).
+"""
 from __future__ import annotations
 
 import json
@@ -31,11 +35,21 @@ def _args(p) -> None:
 @arguments(_args)
 def run(args) -> int:
     from ..search import build_index
+    from ..train.distributed import env_from_environ, session
 
     progress = sys.stderr.isatty() and not args.no_progress
-    res = build_index(args.run, args.data, args.out, modality=args.modality, backend=args.backend,
-                      add=args.add, batch_size=args.batch_size, checkpoint=args.checkpoint, lang=args.lang,
-                      id_prefix=args.id_prefix, dtype=args.dtype, progress=progress)
+    options = dict(modality=args.modality, backend=args.backend, add=args.add, batch_size=args.batch_size,
+                   checkpoint=args.checkpoint, lang=args.lang, id_prefix=args.id_prefix, dtype=args.dtype,
+                   progress=progress)
+    if env_from_environ().enabled:  # launched by torchrun: one shard per process, one index by rank 0
+        from ..index.sharded import build_index_sharded
+
+        with session("cpu") as (env, device):
+            res = build_index_sharded(args.run, args.data, args.out, env=env, device=device, **options)
+        if not env.is_main:
+            return 0
+    else:
+        res = build_index(args.run, args.data, args.out, **options)
     for bad in res.skipped[:10]:
         print(f"skipped {bad['path']}: {bad['reason']}", file=sys.stderr)
     if len(res.skipped) > 10:

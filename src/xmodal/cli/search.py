@@ -13,6 +13,10 @@ def _args(p) -> None:
     p.add_argument("--image", default=None, help="query with an image file instead of text")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--run", default=None, help="the run folder, if it moved since the index was built")
+    p.add_argument("--rerank", default=None, metavar="RUN",
+                   help="a pair scorer's run folder (ADAPT, ALADIN alignment, a cross-encoder) that re-orders "
+                        "the index's shortlist")
+    p.add_argument("--rerank-k", type=int, default=100, help="shortlist size re-ranked by --rerank (default 100)")
     p.add_argument("--json", action="store_true", help='print {"query": ..., "results": [...]} as JSON')
 
 
@@ -28,7 +32,7 @@ def _label(rec: dict) -> str:
 def run(args) -> int:
     from ..errors import XmodalError
     from ..index import Index
-    from ..search import check_k, load_index_model, search_image, search_text
+    from ..search import Reranker, check_k, load_index_model, search_image, search_text
 
     if args.query is not None and args.image is not None:
         raise XmodalError("give a query text or --image, not both")
@@ -44,11 +48,16 @@ def run(args) -> int:
     check_k(args.k, index)
     query_modality = "image" if args.image is not None else "text"
     model = load_index_model(index, args.run)
+    reranker = None
+    if args.rerank is not None:
+        from ..models import load
+
+        reranker = Reranker(load(args.rerank), k=args.rerank_k)
     if args.image is not None:
-        results = search_image(index, model, args.image, args.k)
+        results = search_image(index, model, args.image, args.k, reranker=reranker)
         query = {"image": args.image}
     else:
-        results = search_text(index, model, args.query, args.k)
+        results = search_text(index, model, args.query, args.k, reranker=reranker)
         query = args.query
     if index.modality == query_modality:
         # same-modality search is well defined (nearest neighbours in the shared space), but

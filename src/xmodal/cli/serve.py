@@ -16,6 +16,10 @@ def _args(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--run", default=None, help="the run folder, if it moved since the index was built")
+    p.add_argument("--rerank", default=None, metavar="RUN",
+                   help="a pair scorer's run folder (ADAPT, ALADIN alignment, a cross-encoder) that re-orders "
+                        "each search's shortlist")
+    p.add_argument("--rerank-k", type=int, default=100, help="shortlist size re-ranked by --rerank (default 100)")
     p.add_argument("--image-root", default=None,
                    help="folder thumbnails may be read from (default: the folder all indexed images share)")
 
@@ -34,7 +38,8 @@ def run(args) -> int:
               "can query the index and see its images (there is no authentication)", file=sys.stderr)
     sock = _bind(args.host, args.port)  # a busy port fails before the model loads
     try:
-        service = load_service(args.index, args.text_index, run=args.run, image_root=args.image_root)
+        service = load_service(args.index, args.text_index, run=args.run, image_root=args.image_root,
+                               rerank=args.rerank, rerank_k=args.rerank_k)
         app = create_app(service)
     except BaseException:
         sock.close()

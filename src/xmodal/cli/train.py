@@ -1,4 +1,8 @@
-"""``xmodal train CONFIG --out RUN [key=value ...]``."""
+"""``xmodal train CONFIG --out RUN [key=value ...]``.
+
+Several processes: ``torchrun --nproc-per-node N -m xmodal train CONFIG --out RUN``
+(see docs/distributed.md); ``train.batch_size`` stays the global batch.
+"""
 from __future__ import annotations
 
 import sys
@@ -20,12 +24,15 @@ def run(args) -> int:
     from rich.console import Console
 
     from ..config import load_config
+    from ..train.distributed import env_from_environ
     from ..train.loop import train
 
     cfg = load_config(args.config, args.overrides)
     console = Console(stderr=True)
     summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty(),
                     console=console)
+    if not env_from_environ().is_main:
+        return 0  # rank 0 reports for the run
     console.print(f"run:     {summary['run_dir']}")
     console.print(f"best:    {summary['run_dir']}/best (step {summary['best_step']})")
     tb = f", {summary['run_dir']}/tensorboard" if cfg.train.tensorboard else ""

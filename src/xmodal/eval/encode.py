@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ConfigError, DataError
 from ..models.base import EmbeddingScorer, PairScorer
 from ..progress import track
 
@@ -37,8 +38,14 @@ def embed_split(model: EmbeddingScorer, split, batch_size: int = 256, progress: 
 
 def evaluate_split(model: Any, split, *, protocol: str = "full", block_size: int = 1024,
                    batch_size: int = 256, progress: bool = False, device: str | torch.device = "cpu",
-                   return_ranks: bool = False, rerank_k: int = 0) -> dict:
-    """Metrics (the engine's keys) of ``model`` on a prepared split, plus timing."""
+                   return_ranks: bool = False, rerank_k: int = 0,
+                   first_stage: tuple[Any, Any] | None = None) -> dict:
+    """Metrics (the engine's keys) of ``model`` on a prepared split, plus timing.
+
+    For a pair scorer, ``rerank_k > 0`` evaluates two-stage: ``first_stage`` =
+    ``(image_emb, text_emb)`` over the split's items (e.g. :func:`embed_split` of an embedding
+    model) shortlists, else the model's own ``first_stage_embeddings``.
+    """
     from .metrics import evaluate_embeddings
 
     was_training = model.training
@@ -50,8 +57,12 @@ def evaluate_split(model: Any, split, *, protocol: str = "full", block_size: int
 
             result = evaluate_pair_scorer(model, split, protocol=protocol, block_size=block_size,
                                           batch_size=batch_size, progress=progress, device=device,
-                                          return_ranks=return_ranks, rerank_k=rerank_k)
+                                          return_ranks=return_ranks, rerank_k=rerank_k,
+                                          first_stage=first_stage)
         else:
+            if first_stage is not None:
+                raise ConfigError(f"a first stage re-ranks pair scorers; {type(model).__name__} is an "
+                                  "embedding model, evaluated exactly")
             img, txt = embed_split(model, split, batch_size, progress, device)
             result = {"metrics": evaluate_embeddings(img, txt, split.dataset.gt, protocol=protocol,
                                                      block_size=block_size)}
@@ -65,3 +76,23 @@ def evaluate_split(model: Any, split, *, protocol: str = "full", block_size: int
         model.train(was_training)
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def first_stage_for(first_model: EmbeddingScorer, first_split, split, *, batch_size: int = 256,
+                    progress: bool = False, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of ``first_model`` over ``first_split`` to shortlist for a pair scorer on ``split``.
+
+    Both are the same split prepared for each model; the items must line up one to one (the
+    same images and captions in the same order), else a :class:`DataError` says which differ.
+    """
+    if not isinstance(first_model, EmbeddingScorer):
+        raise ConfigError(f"first stage: {type(first_model).__name__} is not an embedding model "
+                          "(a first stage must encode images and texts independently)")
+    a, b = first_split.dataset, split.dataset
+    for what, x, y in (("images", a.image_ids, b.image_ids), ("captions", a.text_ids, b.text_ids)):
+        if len(x) != len(y) or any(p != q for p, q in zip(x, y)):
+            raise DataError(f"first stage: its {a.name}/{a.split} {what} ({len(x)}) differ from the evaluated "
+                            f"split's ({len(y)}); both models must read the same data")
+    first_model.eval()
+    with torch.inference_mode():
+        return embed_split(first_model, first_split, batch_size, progress, device)

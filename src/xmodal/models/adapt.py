@@ -390,6 +390,17 @@ class _FoveaMean(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------
 # the model
 # ------------------------------------------------------------------------------------------
+def _token_projection(in_dim: int | None, dim: int) -> nn.Linear | None:
+    if in_dim is None:
+        return None
+    fc = nn.Linear(in_dim, dim)
+    # the original's Xavier-uniform init of its region fc (EncoderImagePrecomp.init_weights)
+    bound = (6.0 / (in_dim + dim)) ** 0.5
+    nn.init.uniform_(fc.weight, -bound, bound)
+    nn.init.zeros_(fc.bias)
+    return fc
+
+
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
 
@@ -430,6 +441,7 @@ class Adapt(PairScorer):
                  normalization: str = "batchnorm", region_act: str = "leaky_relu",
                  region_l2norm: bool = True, word_l2norm: bool = True,
                  frozen_image: bool = False, frozen_text: bool = False,
+                 image_in_dim: int | None = None, text_in_dim: int | None = None,
                  fused: str = "auto", chunk_mb: float = 256.0) -> None:
         super().__init__()
         if direction not in ("t2i", "i2t"):
@@ -454,6 +466,10 @@ class Adapt(PairScorer):
         self.word_l2norm = word_l2norm
         self.fused = fused
         self.chunk_bytes = int(chunk_mb * (1 << 20))
+        # token projections into the latent space, for towers that do not end in one (frozen
+        # backbones such as EfficientNet grids or MiniLM words): Xavier init like the original's fc
+        self.image_proj = _token_projection(image_in_dim, dim)
+        self.text_proj = _token_projection(text_in_dim, dim)
         self.adapt = AdaptLayer(dim, dim)
         self.norm = MaskedBatchNorm(dim, affine=False) if normalization == "batchnorm" else None
         self.fovea = Fovea(smooth, train_smooth)
@@ -519,6 +535,8 @@ class Adapt(PairScorer):
         x = feats.tokens
         if x.dim() == 2:
             x = x[:, None]  # (B, 1, D) pooled features as one region
+        if self.image_proj is not None:
+            x = self.image_proj(x.to(self.image_proj.weight.dtype))  # (B, R, D_in) -> (B, R, D)
         mask = _as_bool_mask(feats.mask, x)
         if self.region_act == "leaky_relu":
             x = F.leaky_relu(x, 0.1)
@@ -536,6 +554,8 @@ class Adapt(PairScorer):
         ``(B, 1, 3D)``, computed once per caption. ``pooled`` is the caption vector ``(B, D)``."""
         feats = self._text_features(texts)
         w = feats.tokens
+        if self.text_proj is not None:
+            w = self.text_proj(w.to(self.text_proj.weight.dtype))  # (B, L, D_in) -> (B, L, D)
         mask = _as_bool_mask(feats.mask, w)
         if self.word_l2norm:
             w = _l2norm(w)
@@ -669,6 +689,20 @@ class AdaptEnsemble(PairScorer):
                 raise ConfigError(f"model.args.members: {type(m).__name__} is not a pair scorer")
         self.members = nn.ModuleList(members)
 
+    # The data pipeline reads the towers to decide how to feed a model (pixels, feature rows,
+    # cached frozen outputs): the members' towers are configured alike (checked when built from
+    # a config), so the first member's speak for all; properties keep them out of the state dict.
+    @property
+    def image_tower(self) -> nn.Module | None:
+        return getattr(self.members[0], "image_tower", None)
+
+    @property
+    def text_tower(self) -> nn.Module | None:
+        return getattr(self.members[0], "text_tower", None)
+
+    #: nothing of its own to train: a config with ``variant: ens`` is evaluated as it is
+    needs_training = False
+
     def input_needs(self) -> tuple[str, str]:
         return ("tokens", "tokens")
 
@@ -697,7 +731,7 @@ class AdaptEnsemble(PairScorer):
 _ARGS = {
     "variant": str, "smooth": (int, float), "train_smooth": bool, "normalization": str,
     "region_act": str, "region_l2norm": bool, "word_l2norm": bool, "fused": str,
-    "chunk_mb": (int, float), "members": list,
+    "chunk_mb": (int, float), "members": list, "latent_dim": int,
 }
 
 
@@ -733,17 +767,39 @@ def build_adapt(cfg) -> nn.Module:
             raise ConfigError(f"model.args: {', '.join(args)} belong to the member runs, not to variant ens")
         from . import load
 
-        return AdaptEnsemble([load(str(run)) for run in members])
+        loaded = [load(str(run)) for run in members]
+        # the ensemble reads its data as its members do: their tower configs become its own
+        first = loaded[0].xmodal_config.model
+        for run, m in zip(members[1:], loaded[1:]):
+            mcfg = m.xmodal_config.model
+            for side in ("image", "text"):
+                a, b = getattr(first, side), getattr(mcfg, side)
+                if (a.name, a.args, a.frozen) != (b.name, b.args, b.frozen):
+                    raise ConfigError(f"model.args.members: the members' {side} towers differ ({members[0]}: "
+                                      f"{a.name} {a.args} frozen={a.frozen}; {run}: {b.name} {b.args} "
+                                      f"frozen={b.frozen}); an ensemble's members must read the same inputs")
+        cfg.image, cfg.text = first.image, first.text
+        return AdaptEnsemble(loaded)
     from .dual import build_towers
 
     image, text = build_towers(cfg)
     d_img, d_txt = int(image.output_dim), int(text.output_dim)
-    if d_img != d_txt:
-        raise ConfigError(f"model.image / model.text: ADAPT needs one latent size, but the image tower "
-                          f"gives {d_img}-d and the text tower {d_txt}-d (set both towers' output size, "
-                          f"e.g. model.image.args.out_dim)")
-    return Adapt(image, text, d_img, direction=variant, frozen_image=cfg.image.frozen,
-                 frozen_text=cfg.text.frozen, **args)
+    latent = args.pop("latent_dim", None)
+    if latent is None:
+        if d_img != d_txt:
+            raise ConfigError(f"model.image / model.text: ADAPT needs one latent size, but the image tower "
+                              f"gives {d_img}-d and the text tower {d_txt}-d (set both towers' output size, "
+                              f"e.g. model.image.args.out_dim, or model.args.latent_dim to project both)")
+        return Adapt(image, text, d_img, direction=variant, frozen_image=cfg.image.frozen,
+                     frozen_text=cfg.text.frozen, **args)
+    if latent <= 0:
+        raise ConfigError(f"model.args.latent_dim: expected a positive size, got {latent}")
+    # a side is projected when its tower does not already give the latent size, or is frozen
+    # (a frozen tower has nothing trainable before the adaptation)
+    proj_img = d_img if (d_img != latent or cfg.image.frozen) else None
+    proj_txt = d_txt if (d_txt != latent or cfg.text.frozen) else None
+    return Adapt(image, text, latent, direction=variant, frozen_image=cfg.image.frozen,
+                 frozen_text=cfg.text.frozen, image_in_dim=proj_img, text_in_dim=proj_txt, **args)
 
 
 @MODELS.register("adapt")

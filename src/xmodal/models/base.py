@@ -35,6 +35,11 @@ class ImageTower(nn.Module):
     def forward(self, images: Any) -> TowerOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def rebuilt_from_source(self) -> bool:
+        """True when every weight is loaded from the files its config names (a pretrained
+        backbone without a new layer): a checkpoint may then leave the frozen tower out."""
+        return False
+
 
 class TextTower(nn.Module):
     """Maps a list of strings, via :meth:`tokenize`, to a :class:`TowerOutput`."""
@@ -46,6 +51,10 @@ class TextTower(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> TowerOutput:  # pragma: no cover
         raise NotImplementedError
+
+    def rebuilt_from_source(self) -> bool:
+        """See :meth:`ImageTower.rebuilt_from_source`."""
+        return False
 
 
 class EmbeddingScorer(nn.Module):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, XmodalError, where
+from ..search import EMOJI_MARK
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ THUMB_CACHE = 2048
 MAX_THUMB_SOURCE_PIXELS = 64_000_000
 #: Metadata keys that hold server file-system paths: not sent to clients.
 PRIVATE_KEYS = ("path", "folder")
-EMOJI_MARK = "emoji:/"
 
 INSTALL_HINT = "pip install 'xmodal[serve]'"
 
@@ -88,7 +88,7 @@ class SearchService:
     """
 
     def __init__(self, index: Any, model: Any, text_index: Any = None, *,
-                 image_root: str | os.PathLike | None = None) -> None:
+                 image_root: str | os.PathLike | None = None, reranker: Any = None) -> None:
         from ..search import check_embedding_model
 
         if index.modality != "image":
@@ -105,6 +105,8 @@ class SearchService:
         self.index = index
         self.text_index = text_index
         self.model = check_embedding_model(model)
+        #: a :class:`xmodal.search.Reranker` re-ordering each shortlist with a pair scorer
+        self.reranker = reranker
         tower = getattr(model, "image_tower", None)
         self.pixel_tower = tower if getattr(tower, "input_kind", None) == "pixels" and hasattr(tower, "preprocess") else None
         self._encode_lock = threading.Lock()
@@ -147,6 +149,8 @@ class SearchService:
                       "checkpoint": Path(str(ref.get("checkpoint", ""))).name or None,
                       "weights_sha256": ref.get("weights_sha256"),
                       "image_input": "pixels" if self.pixel_tower is not None else "features"},
+            "reranker": None if self.reranker is None else {"type": type(self.reranker.model).__name__,
+                                                            "k": self.reranker.k},
             "capabilities": {"text_search": True, "image_search": self.pixel_tower is not None,
                              "image_to_text": self.pixel_tower is not None and self.text_index is not None,
                              "thumbnails": True},
@@ -173,11 +177,22 @@ class SearchService:
             scores, rows = index.search(query, min(k, len(index)))
         return self._results(index, scores[0], rows[0], thumbs)
 
+    def _reranked(self, index: Any, q: np.ndarray, query: Any, modality: str, k: int,
+                  thumbs: bool) -> list[dict[str, Any]]:
+        """The index's shortlist for ``q``, re-ordered by the pair scorer (two-stage search)."""
+        with self._search_lock:
+            _, rows = index.search(q, self.reranker.shortlist_size(k, index))
+        with self._encode_lock:
+            scores, rows = self.reranker.rerank(index, query, modality, rows[0], k)
+        return self._results(index, scores, rows, thumbs)
+
     @torch.inference_mode()
     def search_text(self, text: str, k: int) -> list[dict[str, Any]]:
         """Top-``k`` images for a text query (validated by the caller)."""
         with self._encode_lock:
             q = self.model.encode_text([text]).float().cpu().numpy()  # (1, D)
+        if self.reranker is not None:
+            return self._reranked(self.index, q, text, "text", k, thumbs=True)
         return self._search(self.index, q, k, thumbs=True)
 
     @torch.inference_mode()
@@ -192,7 +207,10 @@ class SearchService:
             q = self.model.encode_image(pixels).float().cpu().numpy()  # (1, D)
         out = {"images": self._search(self.index, q, k, thumbs=True), "texts": []}
         if self.text_index is not None:
-            out["texts"] = self._search(self.text_index, q, k, thumbs=False)
+            if self.reranker is not None:
+                out["texts"] = self._reranked(self.text_index, q, image, "image", k, thumbs=False)
+            else:
+                out["texts"] = self._search(self.text_index, q, k, thumbs=False)
         return out
 
     # -- thumbnails --------------------------------------------------------------------
@@ -248,8 +266,12 @@ class SearchService:
 
 
 def load_service(index: str | os.PathLike, text_index: str | os.PathLike | None = None, *,
-                 run: str | os.PathLike | None = None, image_root: str | os.PathLike | None = None) -> SearchService:
-    """Open the index folders and load their model once (refusing a text index of another model)."""
+                 run: str | os.PathLike | None = None, image_root: str | os.PathLike | None = None,
+                 rerank: str | os.PathLike | None = None, rerank_k: int = 100) -> SearchService:
+    """Open the index folders and load their model once (refusing a text index of another model).
+
+    ``rerank``: a pair scorer's run folder that re-orders the top ``rerank_k`` of each search.
+    """
     from ..index import Index
     from ..search import _same_model, load_index_model
 
@@ -262,7 +284,13 @@ def load_service(index: str | os.PathLike, text_index: str | os.PathLike | None 
             diff = _same_model(tix.model_ref, ix.model_ref)
             if diff is not None and diff != "run":  # a moved run keeps its hashes
                 raise ConfigError(f"{where(tix.path)}built by another model than {ix.path} ({diff} differs)")
-    return SearchService(ix, model, tix, image_root=image_root)
+    reranker = None
+    if rerank is not None:
+        from ..models import load
+        from ..search import Reranker
+
+        reranker = Reranker(load(rerank), k=rerank_k)
+    return SearchService(ix, model, tix, image_root=image_root, reranker=reranker)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,8 +28,23 @@ from ..utils import atomic_write_json
 log = logging.getLogger(__name__)
 
 
+def skipped_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes a checkpoint leaves out: frozen towers whose every weight comes from
+    the files their config names. A frozen tower with random parts (a frozen BiGRU, a new
+    projection) is saved: rebuilding it would give other weights."""
+    out = []
+    for prefix in getattr(model, "frozen_prefixes", lambda: [])():
+        try:
+            sub = model.get_submodule(prefix.rstrip("."))
+        except AttributeError:
+            continue
+        if getattr(sub, "rebuilt_from_source", lambda: False)():
+            out.append(prefix)
+    return tuple(out)
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    skip = tuple(getattr(model, "frozen_prefixes", lambda: [])())
+    skip = skipped_prefixes(model)
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
             if not (skip and k.startswith(skip))}
 
@@ -144,7 +159,7 @@ def restore_checkpoint(path: Path, model: torch.nn.Module, loss: torch.nn.Module
 
 def _load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    skip = tuple(getattr(model, "frozen_prefixes", lambda: [])())
+    skip = skipped_prefixes(model)
     missing = [k for k in missing if not (skip and k.startswith(skip))]
     if missing or unexpected:
         raise XmodalError(f"{where}: weights do not match the model "
@@ -166,6 +181,15 @@ def load_model(run_dir: Any, checkpoint: str = "best", device: str = "cpu") -> t
     from ..models import create_model
 
     run_dir = Path(run_dir)
+    if run_dir.suffix in (".yaml", ".yml") and run_dir.is_file():
+        # a config whose model has nothing to train (an ensemble of finished runs)
+        cfg = load_config(run_dir)
+        model = create_model(cfg.model)
+        if getattr(model, "needs_training", True):
+            raise XmodalError(f"{run_dir}: this config's model must be trained first "
+                              f"(xmodal train {run_dir} --out RUN), then pass the run folder")
+        model.xmodal_config = cfg
+        return model.to(device).eval()
     if checkpoint == "best":
         path = run_dir / "best"
         if not (path / "model.safetensors").exists():

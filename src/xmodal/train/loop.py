@@ -4,6 +4,11 @@ It builds the model, the loss and the task from a config, prepares the train and
 validation splits (caching frozen towers), and runs optimizer steps with warmup + cosine
 or step schedules, gradient clipping, AMP on CUDA, periodic evaluation with the streaming
 engine, best checkpoint by validation rsum, early stopping, and exact resume.
+
+Launched by ``torchrun``, every process runs :func:`train`: each encodes its slice of the
+global batch, features are gathered so the loss sees the global batch, DDP averages the
+gradients, and rank 0 alone evaluates, logs and writes the run folder
+(:mod:`xmodal.train.distributed`). ``train.batch_size`` is the global batch.
 """
 from __future__ import annotations
 
@@ -20,9 +25,11 @@ import yaml
 
 from .. import config as C
 from ..errors import ConfigError, XmodalError
-from ..utils import atomic_write_json, atomic_write_text, resolve_device, seed_everything
+from ..utils import atomic_write_json, atomic_write_text, seed_everything
 from .checkpoint import latest_checkpoint, restore_checkpoint, save_best, save_checkpoint
 from .data import Batch, BatchOrder, positive_mask
+from .distributed import (DistEnv, GatheringModel, ShardedBatchOrder, barrier, broadcast_flag, data_parallel,
+                          in_turns, session, step_seed)
 from .task import build_task
 
 log = logging.getLogger(__name__)
@@ -101,7 +108,17 @@ class MetricLog:
 
 def train(cfg: C.Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
           console: Any = None) -> dict:
-    """Train ``cfg`` into ``run_dir``; returns a summary (best step, best metrics, paths)."""
+    """Train ``cfg`` into ``run_dir``; returns a summary (best step, best metrics, paths).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls this; it joins the process
+    group for the duration of the run. A run may resume with another number of processes.
+    """
+    with session(cfg.train.device) as (env, device):
+        return _train(cfg, Path(run_dir), env, device, resume=resume, progress=progress, console=console)
+
+
+def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, resume: bool,
+           progress: bool, console: Any) -> dict:
     from rich.console import Console
 
     from ..eval.encode import evaluate_split
@@ -111,7 +128,8 @@ def train(cfg: C.Config, run_dir: str | Path, *, resume: bool = False, progress:
     from .pipeline import prepare_split
 
     console = console or Console(stderr=True)
-    run_dir = Path(run_dir)
+    if not env.is_main:  # one process speaks for the run
+        console, progress = Console(stderr=True, quiet=True), False
     prepare_config(cfg)
     config_yaml = yaml.safe_dump(C.to_dict(cfg), sort_keys=False)
     ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
@@ -123,31 +141,41 @@ def train(cfg: C.Config, run_dir: str | Path, *, resume: bool = False, progress:
         if saved != config_yaml:
             raise XmodalError(f"{run_dir}: --resume with a different config than the run's "
                               f"({ckpt / 'config.yaml'}); resume with the same config and overrides")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", config_yaml)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", config_yaml)
 
-    device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     model = create_model(cfg.model)
+    if not getattr(model, "needs_training", True):
+        raise ConfigError(f"{type(model).__name__} has nothing to train (an ensemble of finished runs): "
+                          "evaluate the config directly, xmodal eval CONFIG.yaml")
     loss = create_loss(cfg.loss.name, **cfg.loss.args)
-    task = build_task(model, loss)
+    # several processes: the task sees the global batch's features (gathered), see distributed.py
+    task = build_task(GatheringModel(model, env) if env.enabled else model, loss)
     if hasattr(model, "prepare_training"):
         model.prepare_training(cfg, run_dir)
 
     t0 = time.perf_counter()
-    train_split = prepare_split(cfg, model, cfg.data.train_split, cfg.data.train_lang, training=True,
-                                progress=progress)
-    val_split = prepare_split(cfg, model, cfg.data.val_split, cfg.data.eval_lang, progress=progress)
+    # rank 0 fills the frozen-tower caches before the other processes read them
+    train_split = in_turns(env, lambda: prepare_split(cfg, model, cfg.data.train_split, cfg.data.train_lang,
+                                                      training=True, progress=progress))
+    val_split = (prepare_split(cfg, model, cfg.data.val_split, cfg.data.eval_lang, progress=progress)
+                 if env.is_main else None)  # only rank 0 evaluates
     prep_seconds = time.perf_counter() - t0
     console.print(f"[bold]train[/] {train_split.dataset.summary()}")
-    console.print(f"[bold]val[/]   {val_split.dataset.summary()}")
+    if val_split is not None:
+        console.print(f"[bold]val[/]   {val_split.dataset.summary()}")
+    if env.enabled:
+        console.print(f"{env.world_size} processes, global batch {cfg.train.batch_size} "
+                      f"({cfg.train.batch_size // max(env.world_size, 1)} per process), device {device}")
 
     task.to(device)
     params = [p for p in task.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen")
     optimizer = make_optimizer(params, cfg.optim, device)
-    order = BatchOrder(train_split.dataset.gt, cfg.train.batch_size, cfg.train.seed)
+    order = ShardedBatchOrder(BatchOrder(train_split.dataset.gt, cfg.train.batch_size, cfg.train.seed), env)
 
     state: dict[str, Any] = {"best_rsum": -1.0, "best_step": -1, "best_metrics": None, "bad_evals": 0,
                              "elapsed": 0.0}
@@ -157,7 +185,8 @@ def train(cfg: C.Config, run_dir: str | Path, *, resume: bool = False, progress:
         start = int(state["step"])
         console.print(f"resuming {run_dir} from step {start}")
     state.pop("optimizer", None)
-    metric_log = MetricLog(run_dir, cfg.train.tensorboard)
+    state["world_size"] = env.world_size
+    metric_log = MetricLog(run_dir, cfg.train.tensorboard) if env.is_main else None
 
     amp = cfg.train.amp
     if amp not in ("none", "bf16", "fp16"):
@@ -185,6 +214,7 @@ def train(cfg: C.Config, run_dir: str | Path, *, resume: bool = False, progress:
     step = start
     stopped_early = False
     task.train()
+    training_step = data_parallel(task, env, device)
     t_train = time.perf_counter()
     with make_progress() if progress else _NullProgress() as prog:
         bar = prog.add_task("training", total=total, completed=start)
@@ -192,12 +222,14 @@ def train(cfg: C.Config, run_dir: str | Path, *, resume: bool = False, progress:
             lr = lr_at(step, cfg.optim, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            text_idx, image_idx = order.batch(step)
+            step_seed(env, cfg.train.seed, step)
+            # the global batch and its positives; this process encodes its slice ``mine``
+            text_idx, image_idx, mine = order.batch(step)
             batch = Batch(text_idx, image_idx,
                           positive_mask(train_split.dataset.gt, image_idx, text_idx),
-                          train_split.images(image_idx, device), train_split.texts(text_idx, device))
+                          train_split.images(image_idx[mine], device), train_split.texts(text_idx[mine], device))
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                losses, metrics = task.training_step(batch, step)
+                losses, metrics = training_step(batch, step)
             total_loss = sum(losses.values())
             if not torch.isfinite(total_loss):
                 raise XmodalError(f"step {step}: loss is {float(total_loss)}; lower optim.lr or check the data")
@@ -216,32 +248,38 @@ def train(cfg: C.Config, run_dir: str | Path, *, resume: bool = False, progress:
                 optimizer.step()
             step += 1
             prog.update(bar, completed=step)
-            if cfg.train.log_every and step % cfg.train.log_every == 0:
+            if metric_log is not None and cfg.train.log_every and step % cfg.train.log_every == 0:
                 metric_log.write(step, "train", {"loss": float(total_loss.detach()), "lr": lr,
                                                  **{k: float(v.detach()) for k, v in losses.items()}, **metrics})
             did_eval = False
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
-                evaluate(step)
+                if env.is_main:
+                    evaluate(step)
+                    if cfg.train.early_stop and state["bad_evals"] >= cfg.train.early_stop:
+                        stopped_early = True
                 did_eval = True
-                if cfg.train.early_stop and state["bad_evals"] >= cfg.train.early_stop:
-                    stopped_early = True
+                stopped_early = broadcast_flag(env, stopped_early, device)  # rank 0 decides for all
             if step == total:
-                evaluate(step)
+                if env.is_main:
+                    evaluate(step)
                 did_eval = True
             every = cfg.train.checkpoint_every or cfg.train.eval_every
             if (every and step % every == 0) or did_eval or step == total or stopped_early:
                 state["elapsed"] = float(state.get("elapsed", 0.0)) + (time.perf_counter() - t_train)
                 t_train = time.perf_counter()
-                save_checkpoint(run_dir, step, model, loss, optimizer, state, config_yaml,
-                                keep=cfg.train.keep_checkpoints)
+                if env.is_main:
+                    save_checkpoint(run_dir, step, model, loss, optimizer, state, config_yaml,
+                                    keep=cfg.train.keep_checkpoints)
             if stopped_early:
                 console.print(f"early stop at step {step}: no better val rsum in {cfg.train.early_stop} evaluations")
                 break
-    metric_log.close()
     summary = {"run_dir": str(run_dir), "steps": step, "best_step": state["best_step"],
                "best_val": state["best_metrics"], "stopped_early": stopped_early,
-               "train_seconds": state["elapsed"], "prepare_seconds": prep_seconds}
-    atomic_write_json(run_dir / "summary.json", summary)
+               "train_seconds": state["elapsed"], "prepare_seconds": prep_seconds, "world_size": env.world_size}
+    if metric_log is not None:
+        metric_log.close()
+        atomic_write_json(run_dir / "summary.json", summary)
+    barrier(env)  # the others leave the group only once rank 0 has written the run
     return summary
 
 

@@ -58,16 +58,24 @@ def load_split(cfg, split: str, lang: str | None, training: bool = False) -> Cro
     return ds
 
 
-def _tower_spec(tcfg) -> dict:
-    return {"name": tcfg.name, "args": tcfg.args}
+def _tower_spec(tcfg, tower=None) -> dict:
+    """What a frozen tower's cached outputs depend on: its config, and its weights unless they
+    all come from the files the config names (a frozen tower with random parts)."""
+    spec = {"name": tcfg.name, "args": tcfg.args}
+    if tower is not None and not getattr(tower, "rebuilt_from_source", lambda: False)():
+        h = hashlib.sha256()
+        for k, v in sorted(tower.state_dict().items()):
+            h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        spec["weights"] = h.hexdigest()[:16]
+    return spec
 
 
-def _image_source_spec(tcfg, ds: CrossModalDataset) -> dict:
+def _image_source_spec(tcfg, ds: CrossModalDataset, tower=None) -> dict:
     """Tower spec plus where the pixels come from, so a fixed image root gets a new cache entry."""
     h = hashlib.sha256(str(ds.root).encode())
     for p in ds.image_paths or []:
         h.update(str(p).encode("utf-8", "surrogatepass") + b"\0")
-    return {**_tower_spec(tcfg), "images": h.hexdigest()[:16]}
+    return {**_tower_spec(tcfg, tower), "images": h.hexdigest()[:16]}
 
 
 def image_inputs(cfg, model, ds: CrossModalDataset, head_input: str, progress: bool = True) -> tuple[CrossModalDataset, Any]:
@@ -77,7 +85,7 @@ def image_inputs(cfg, model, ds: CrossModalDataset, head_input: str, progress: b
         if cfg.model.image.frozen:
             from ..features import apply_valid, cached_features
 
-            fs = cached_features(ds, tower, _image_source_spec(cfg.model.image, ds),
+            fs = cached_features(ds, tower, _image_source_spec(cfg.model.image, ds, tower),
                                  cache_root=cache_root() / "features", grid=(head_input == "tokens"),
                                  batch_size=cfg.train.extract_batch_size, progress=progress,
                                  on_error=cfg.data.on_bad_image)
@@ -110,7 +118,7 @@ def encode_texts_cached(tower, tcfg, captions: list[str], *, tokens: bool, batch
     from ..progress import track
     from ..utils import atomic_write
 
-    h = hashlib.sha256(json.dumps({"spec": _tower_spec(tcfg), "tokens": tokens}, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"spec": _tower_spec(tcfg, tower), "tokens": tokens}, sort_keys=True).encode())
     for c in captions:
         h.update(c.encode("utf-8", "surrogatepass") + b"\0")
     path = cache_root() / "text" / f"{h.hexdigest()[:24]}.safetensors"

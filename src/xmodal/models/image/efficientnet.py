@@ -105,6 +105,7 @@ class EfficientNetLiteTower(ImageTower):
             raise ConfigError(f"efficientnet_lite0: image_size must be at least 32, got {image_size}")
         self.image_size = image_size
         self.frozen = frozen
+        self.pretrained = pretrained
         self.backbone = build_efficientnet_lite0(image_size, pretrained=pretrained)
         # the classifier is never used for features; dropping it avoids unused parameters
         self.backbone._fc = nn.Identity()
@@ -113,6 +114,9 @@ class EfficientNetLiteTower(ImageTower):
             self.backbone.eval()
         self.proj = nn.Linear(FEATURE_DIM, out_dim) if out_dim else None
         self.output_dim = out_dim or FEATURE_DIM
+
+    def rebuilt_from_source(self) -> bool:
+        return self.pretrained and self.proj is None
 
     def train(self, mode: bool = True) -> "EfficientNetLiteTower":
         super().train(mode)

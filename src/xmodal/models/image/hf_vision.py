@@ -222,6 +222,9 @@ class HFVisionTower(ImageTower):
             pooler = pooler.flatten(1)  # ResNet returns (B, C, 1, 1) -> (B, C)
         return tokens, pooler
 
+    def rebuilt_from_source(self) -> bool:
+        return self.proj is None
+
     def forward(self, images: torch.Tensor) -> TowerOutput:
         x = pixels_to_float(images, self.input_hw) / 255.0
         x = (x - self.pixel_mean) / self.pixel_std

@@ -111,6 +111,9 @@ class HFTextTower(TextTower):
         self.proj = nn.Linear(dim, out_dim) if out_dim else None
         self.output_dim = out_dim or dim
 
+    def rebuilt_from_source(self) -> bool:
+        return self.proj is None
+
     def train(self, mode: bool = True) -> "HFTextTower":
         super().train(mode)
         if self.frozen:
