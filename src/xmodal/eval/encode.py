@@ -52,7 +52,9 @@ def evaluate_split(model: Any, split, *, protocol: str = "full", block_size: int
     model.eval()
     t0 = time.perf_counter()
     try:
-        if isinstance(model, PairScorer) and not isinstance(model, EmbeddingScorer):
+        # pair scorers; and models that are both (ALADIN: matching embeddings, alignment head)
+        # when a two-stage ranking is asked for
+        if isinstance(model, PairScorer) and (rerank_k or not isinstance(model, EmbeddingScorer)):
             from .pairs import evaluate_pair_scorer
 
             result = evaluate_pair_scorer(model, split, protocol=protocol, block_size=block_size,

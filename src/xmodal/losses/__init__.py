@@ -46,7 +46,9 @@ def list_losses() -> list[str]:
 
 # imported last: the modules register themselves in LOSSES defined above
 from .contrastive import InfoNCELoss, SigLIPLoss  # noqa: E402
+from .distill import AladinLoss  # noqa: E402,F401  (registers "aladin")
 from .hinge import AdaptHingeLoss, HingeLoss  # noqa: E402
+from .relation import IaisLoss  # noqa: E402,F401  (registers "iais")
 from .triplet import TripletLoss, cosine_distance  # noqa: E402
 
 __all__ = ["LOSSES", "AdaptHingeLoss", "HingeLoss", "InfoNCELoss", "SigLIPLoss", "TripletLoss",

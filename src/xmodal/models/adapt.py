@@ -401,6 +401,74 @@ def _token_projection(in_dim: int | None, dim: int) -> nn.Linear | None:
     return fc
 
 
+def _i2t_probs(w: torch.Tensor, mask: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor,
+               smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fovea weights ``p`` and adapted words ``a``, each ``(Ni, Nt, L, D)``, for words ``w``
+    ``(Nt, L, D)`` conditioned on images ``scale``/``shift`` ``(Ni, D)``."""
+    logits = (smooth * scale)[:, None, None, :] * w[None]  # the shift cancels in the softmax
+    if mask is not None:
+        logits = logits.masked_fill(~mask[None, :, :, None], float("-inf"))
+    a = w[None] * scale[:, None, None, :] + shift[:, None, None, :]
+    return torch.softmax(logits, dim=2), a
+
+
+class _FoveaMaxI2T(torch.autograd.Function):
+    """ADAPT-I2T's pooled caption vectors ``v[i, t] = max_w p_w a_w`` ``(Ni, Nt, D)`` with the
+    analytic gradient, computed over chunks of captions.
+
+    With ``w*`` the arg-max word, ``v = p_{w*} a_{w*}``, ``k = smooth * scale``::
+
+        dv/dshift = p_{w*}
+        dv/dscale = p_{w*} x_{w*} + a_{w*} p_{w*} smooth (x_{w*} - E_p[x])
+        dv/dx_w   = p_{w*} (delta_{w w*} (k a_{w*} + scale) - k a_{w*} p_w)
+
+    so the forward keeps ``w*``, ``p_{w*}`` and ``E_p[x]`` (each ``(Ni, Nt, D)``) and the
+    backward recomputes ``p`` once: two passes over ``(Ni, Nt, L, D)`` instead of autograd's
+    checkpointed recomputation and its stored intermediates.
+    """
+
+    @staticmethod
+    def forward(ctx, w, mask, scale, shift, smooth, max_pairs):  # type: ignore[override]
+        ni, (nt, length, d) = scale.shape[0], w.shape
+        v = w.new_empty(ni, nt, d)
+        arg = torch.empty(ni, nt, d, dtype=torch.long, device=w.device)
+        pstar, ex = w.new_empty(ni, nt, d), w.new_empty(ni, nt, d)
+        for st in _slices(nt, max(1, max_pairs // max(1, ni))):
+            mc = None if mask is None else mask[st]
+            p, a = _i2t_probs(w[st], mc, scale, shift, smooth)  # (Ni, b, L, D)
+            u = p * a
+            if mc is not None:
+                u = u.masked_fill(~mc[None, :, :, None], float("-inf"))
+            v[:, st], arg[:, st] = u.max(dim=2)
+            pstar[:, st] = p.gather(2, arg[:, st, None]).squeeze(2)
+            ex[:, st] = (p * w[st][None]).sum(2)
+        ctx.save_for_backward(w, mask, scale, shift, arg, pstar, ex)
+        ctx.smooth, ctx.max_pairs = smooth, max_pairs
+        return v
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        w, mask, scale, shift, arg, pstar, ex = ctx.saved_tensors
+        smooth = ctx.smooth
+        ni, (nt, length, d) = scale.shape[0], w.shape
+        k = smooth * scale  # (Ni, D)
+        gw, gs, gb = torch.zeros_like(w), torch.zeros_like(scale), torch.zeros_like(shift)
+        for st in _slices(nt, max(1, ctx.max_pairs // max(1, ni))):
+            mc = None if mask is None else mask[st]
+            p, _ = _i2t_probs(w[st], mc, scale, shift, smooth)  # (Ni, b, L, D)
+            g, ia, ps, e = grad[:, st], arg[:, st], pstar[:, st], ex[:, st]
+            xs = w[st][None].expand(ni, -1, -1, -1).gather(2, ia[:, :, None]).squeeze(2)  # (Ni, b, D) x_{w*}
+            astar = xs * scale[:, None] + shift[:, None]
+            gp = g * ps
+            gb += gp.sum(1)
+            gs += (gp * (xs + astar * smooth * (xs - e))).sum(1)
+            c = gp * k[:, None] * astar  # (Ni, b, D)
+            gx = -(c[:, :, None, :] * p).sum(0)  # (b, L, D)
+            hit = torch.zeros_like(p).scatter_(2, ia[:, :, None], (gp * (k[:, None] * astar + scale[:, None]))[:, :, None])
+            gw[st] = gx + hit.sum(0)
+        return gw, None, gs, gb, None, None
+
+
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
 
@@ -615,8 +683,13 @@ class Adapt(PairScorer):
         nt, length, d = w.shape
         ni = cond.shape[0]
         scale, shift, qhat = self._split(cond)  # (Ni, D) each
+        if self._needs_grad(w, cond) and not self.fovea.train_smooth:
+            # analytic gradient over chunks of captions (see _FoveaMaxI2T)
+            v = _FoveaMaxI2T.apply(w, mask, scale, shift, float(self.fovea.smooth),
+                                   self._max_pairs(4 * d * length * 6, compiled=False))  # (Ni, Nt, D)
+            return (v * qhat[:, None]).sum(-1) / v.norm(dim=-1).clamp_min(EPS)
         if self._needs_grad(w, cond):
-            # autograd over chunks of captions, recomputed in backward: memory bounded by a chunk
+            # a learnt smoothing: autograd over chunks of captions, recomputed in backward
             bt = max(1, self._max_pairs(4 * d * length * 6) // max(1, ni))
             parts = [checkpoint(self._i2t_autograd, w[st], None if mask is None else mask[st], scale, shift, qhat,
                                 use_reentrant=False) for st in _slices(nt, bt)]

@@ -162,6 +162,8 @@ def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, 
                                                       training=True, progress=progress))
     val_split = (prepare_split(cfg, model, cfg.data.val_split, cfg.data.eval_lang, progress=progress)
                  if env.is_main else None)  # only rank 0 evaluates
+    if hasattr(task, "attach_split"):  # tasks that draw beyond the batch (hard-negative pools)
+        task.attach_split(cfg, train_split)
     prep_seconds = time.perf_counter() - t0
     console.print(f"[bold]train[/] {train_split.dataset.summary()}")
     if val_split is not None:

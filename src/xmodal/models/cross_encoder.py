@@ -1,0 +1,410 @@
+"""A single-stream cross-encoder (UNITER-style) for image-text matching, the model of IAIS.
+
+``[CLS] words [SEP] regions`` run through one transformer; the [CLS] output goes through
+a pooler (linear + tanh) and a rank head (linear -> one logit), one score per pair.
+Faithful to UNITER / ``lancopku/IAIS`` (``model/model.py``, ``model/itm.py``):
+
+- **Text embeddings**: word + position + token type 0, LayerNorm, dropout: the embeddings of
+  a Hugging Face BERT-type checkpoint (``text_init``, MiniLM by default), whose first
+  ``layers`` transformer layers become the single-stream encoder (all when unset).
+- **Image embeddings** (UNITER's ``UniterImageEmbeddings``):
+  ``LN(LN(W_f f) + LN(W_p p) + type_1)``, dropout; ``p`` is the 7-value box
+  ``x1, y1, x2, y2, w, h, w*h`` (normalised); ``type_1`` is the text embeddings' token-type
+  row 1 (the modality embedding). Grid tokens (a frozen CNN's feature map) get their cells
+  as boxes (:func:`xmodal.models.transformer.grid_boxes`); regions with 6 box values get
+  the area appended.
+- **Heads**: pooler ``tanh(W h_[CLS])`` and ``rank_output`` (UNITER's ITM head is
+  re-initialised as the rank head after ITM pre-training; without it both start random,
+  normal(0, 0.02) with zero bias as UNITER's ``init_weights``).
+
+A pair scorer: :meth:`encode_image_reps` / :meth:`encode_text_reps` give each item's
+embedded tokens once; :meth:`score_pairs` concatenates the listed pairs' tokens and runs the
+transformer in batches of ``pair_batch`` pairs (two-stage re-ranking); :meth:`score` does the
+same over every pair of an ``Ni x Nt`` block (exact, slow: a cross-encoder cannot be indexed).
+
+``model.args.first_stage: RUN`` attaches a finished embedding model (e.g. the dual-encoder
+baseline) whose embeddings ride along in the representations' ``pooled`` field, so the run
+re-ranks its own first stage (``eval.rerank_k`` during training validation, ``xmodal eval RUN
+--rerank-k K``); it is frozen and not saved in checkpoints (rebuilt from its run folder).
+
+Training: ``task_name = "itm_hard_negatives"`` (:mod:`xmodal.train.hard_negatives`) with
+``loss: {name: iais}`` (:mod:`xmodal.losses.relation`); :meth:`forward_pairs` returns the
+last layer's attention logits of the positive pairs for the relation alignment.
+
+Deviations, on purpose: the embedding dropout of an item is drawn once per item and shared by
+the pairs it enters during training (the original embeds each pair); grid tokens carry
+their cells as boxes (UNITER's regions carry detector boxes).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, XmodalError
+from . import MODELS
+from .base import IMAGE_TOWERS, EmbeddingScorer, PairScorer, TowerOutput
+from .transformer import TextEmbeddings, TransformerEncoder, grid_boxes, load_bert
+
+log = logging.getLogger(__name__)
+
+
+def _init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """UNITER's ``init_weights``: normal(0, std) linears / embeddings, zero bias, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class UniterImageEmbeddings(nn.Module):
+    """``LN(LN(W_f f) + LN(W_p p) + type)``, dropout: UNITER's image embeddings."""
+
+    def __init__(self, feat_dim: int, dim: int, box_dim: int = 7, dropout: float = 0.1, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.feat_dim, self.box_dim = feat_dim, box_dim
+        self.img_linear = nn.Linear(feat_dim, dim)
+        self.img_norm = nn.LayerNorm(dim, eps=eps)
+        self.pos_linear = nn.Linear(box_dim, dim) if box_dim else None
+        self.pos_norm = nn.LayerNorm(dim, eps=eps) if box_dim else None
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+        _init_weights(self)
+
+    def forward(self, feats: torch.Tensor, boxes: torch.Tensor | None, type_emb: torch.Tensor) -> torch.Tensor:
+        if feats.shape[-1] != self.feat_dim:
+            raise XmodalError(f"image features are {feats.shape[-1]}-d, the model expects {self.feat_dim}")
+        x = self.img_norm(self.img_linear(feats))  # (B, R, D)
+        if self.pos_linear is not None:
+            x = x + self.pos_norm(self.pos_linear(boxes))
+        return self.drop(self.norm(x + type_emb))
+
+
+def boxes7(boxes: torch.Tensor) -> torch.Tensor:
+    """6 box values ``x1, y1, x2, y2, w, h`` -> UNITER's 7 (``w * h`` appended)."""
+    return torch.cat([boxes, boxes[..., 4:5] * boxes[..., 5:6]], dim=-1)  # (..., 7)
+
+
+class _FirstStage(nn.Module):
+    """A finished embedding model, frozen; rebuilt from its run folder (not checkpointed)."""
+
+    def __init__(self, run_dir: str) -> None:
+        super().__init__()
+        from ..train.checkpoint import load_model
+
+        model = load_model(run_dir)
+        if not isinstance(model, EmbeddingScorer):
+            raise ConfigError(f"model.args.first_stage: {run_dir} holds a {type(model).__name__}, "
+                              "not an embedding model (a first stage encodes images and texts independently)")
+        model.requires_grad_(False)
+        self.model = model.eval()
+        self.run_dir = str(run_dir)
+
+    def train(self, mode: bool = True) -> "_FirstStage":
+        return super().train(False)
+
+    def rebuilt_from_source(self) -> bool:
+        return True
+
+
+class CrossEncoder(PairScorer):
+    """UNITER-style single-stream image-text matching model; see the module docstring."""
+
+    task_name = "itm_hard_negatives"
+
+    def __init__(self, image_tower: nn.Module | None, *, image_dim: int, embeddings: TextEmbeddings,
+                 encoder: TransformerEncoder, tokenizer: Any, box_dim: int = 7, grid: Any = None,
+                 dropout: float = 0.1, max_text_length: int = 40, pair_batch: int = 256,
+                 first_stage: str | None = None, frozen_image: bool = True) -> None:
+        super().__init__()
+        if box_dim not in (0, 7):
+            raise ConfigError(f"model.args.box_dim: expected 7 (UNITER's box values) or 0 (no boxes), got {box_dim}")
+        if embeddings.token_type.num_embeddings < 2:
+            raise ConfigError("cross_encoder: the text embeddings need 2 token types (text, image)")
+        self.image_tower = image_tower
+        self.frozen_image = frozen_image and image_tower is not None
+        self.text_embed = embeddings
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.dim = encoder.dim
+        self.grid = tuple(int(g) for g in grid) if grid else None
+        self.max_text_length = int(max_text_length)
+        self.pair_batch = int(pair_batch)
+        self.image_embed = UniterImageEmbeddings(image_dim, self.dim, box_dim, dropout)
+        self.pooler = nn.Linear(self.dim, self.dim)
+        self.rank_output = nn.Linear(self.dim, 1)
+        _init_weights(self.pooler)
+        _init_weights(self.rank_output)
+        self.first_stage = _FirstStage(first_stage) if first_stage else None
+
+    # bookkeeping --------------------------------------------------------------------
+    def input_needs(self) -> tuple[str, str]:
+        return ("tokens", "tokens")
+
+    def train(self, mode: bool = True) -> "CrossEncoder":
+        super().train(mode)
+        if self.image_tower is not None and self.frozen_image:
+            self.image_tower.eval()  # pretrained BatchNorm statistics, no dropout noise
+        return self
+
+    def frozen_prefixes(self) -> list[str]:
+        """State-dict prefixes not saved in checkpoints: rebuilt from their own weights."""
+        out = ["first_stage."]
+        if self.frozen_image:
+            out.append("image_tower.")
+        return out
+
+    def _device(self) -> torch.device:
+        return self.pooler.weight.device
+
+    # item embeddings ------------------------------------------------------------------
+    def _image_inputs(self, images: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(features (B, R, F), boxes (B, R, 7) or None, mask (B, R) or None)``."""
+        boxes = mask = None
+        pixels = self.image_tower is not None and self.image_tower.input_kind == "pixels"
+        if isinstance(images, dict):  # feature rows with boxes (VinVL)
+            feats, boxes, mask = images["features"], images.get("boxes"), images.get("mask")
+            if mask is None:
+                mask = feats.abs().sum(-1) > 0  # padded region rows are zero
+        elif isinstance(images, TowerOutput):
+            feats, mask = images.tokens, images.mask
+        elif isinstance(images, torch.Tensor) and images.dim() in (2, 3) and not pixels:
+            feats = images  # feature rows without boxes (precomp)
+        else:
+            if self.image_tower is None:
+                raise XmodalError("cross-encoder has no image tower: pass region features or cached tokens")
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_image):
+                out = self.image_tower(images.to(self._device()) if torch.is_tensor(images) else images)
+            feats, mask = out.tokens, out.mask
+        device = self._device()
+        feats = feats.to(device).float()
+        if feats.dim() == 2:
+            feats = feats[:, None]  # (B, 1, F) a pooled vector as one token
+        if self.image_embed.box_dim:
+            if boxes is None:
+                n = feats.shape[1]
+                h, w = self.grid or (math.isqrt(n), math.isqrt(n))
+                if h * w != n:
+                    raise ConfigError(f"cross_encoder: {n} image tokens without boxes are not a square grid; "
+                                      "set model.args.grid: [height, width] or box_dim: 0")
+                boxes = grid_boxes(h, w, device)[None].expand(feats.shape[0], -1, -1)  # (B, R, 6)
+            boxes = boxes.to(device).float()
+            if boxes.shape[-1] == 6:
+                boxes = boxes7(boxes)
+            if boxes.shape[-1] != 7:
+                raise XmodalError(f"image boxes have {boxes.shape[-1]} values, expected 6 or 7")
+        if mask is not None:
+            mask = mask.to(device).bool()
+        return feats, boxes, mask
+
+    def embed_images(self, images: Any) -> TowerOutput:
+        """Image tokens (B, R, D) in the joint space, mask (B, R)."""
+        feats, boxes, mask = self._image_inputs(images)
+        type_emb = self.text_embed.token_type.weight[1]  # (D,) the image modality row
+        x = self.image_embed(feats, boxes, type_emb)  # (B, R, D)
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return TowerOutput(tokens=x, pooled=x.new_zeros(x.shape[0], 0), mask=mask)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids + attention mask, ``[CLS] ... [SEP]``, at most ``max_text_length`` tokens."""
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_text_length,
+                              return_tensors="pt")
+
+    def embed_texts(self, texts: Any) -> TowerOutput:
+        """Text tokens (B, L, D) ``[CLS] words [SEP]``, mask (B, L)."""
+        batch = texts if isinstance(texts, dict) else self.tokenize(texts)
+        device = self._device()
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device).bool()
+        x = self.text_embed(ids, torch.zeros_like(ids))  # (B, L, D)
+        return TowerOutput(tokens=x, pooled=x.new_zeros(x.shape[0], 0), mask=mask)
+
+    # pairs ------------------------------------------------------------------------------
+    def forward_pairs(self, img: TowerOutput, txt: TowerOutput, relation_rows: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rank logits ``(P,)`` of aligned pairs ``img`` (P, R, D) / ``txt`` (P, L, D).
+
+        With ``relation_rows`` (indices into the P pairs), also the last layer's attention
+        logits of those pairs ``(len(rows), H, L + R, L + R)`` (text first), for IAIS.
+        """
+        L = int(txt.mask.sum(1).max()) if txt.mask is not None else txt.tokens.shape[1]
+        tt, tm = txt.tokens[:, :L], txt.mask[:, :L]  # trim the chunk's padding
+        x = torch.cat([tt, img.tokens], dim=1)  # (P, L + R, D)
+        mask = torch.cat([tm, img.mask], dim=1)  # (P, L + R)
+        if bool(mask.all()):
+            mask = None  # no padding: the unmasked attention kernels are faster
+        layers = self.encoder.layers
+        for layer in layers[:-1]:
+            x, _ = layer(x, mask)
+        logits = None
+        if relation_rows is not None and len(layers):
+            last = layers[-1]
+            h = x.index_select(0, relation_rows)
+            h = last.norm1(h) if last.norm_first else h
+            attn = last.attn
+            P, N, D = h.shape
+            H = attn.heads
+            q = attn.query(h).view(P, N, H, D // H).transpose(1, 2)  # (P, H, N, Dh)
+            k = attn.key(h).view(P, N, H, D // H).transpose(1, 2)
+            logits = (q @ k.transpose(-2, -1)) / math.sqrt(D // H)  # (P, H, N, N)
+        if len(layers):
+            x, _ = layers[-1](x, mask)
+        if self.encoder.final_norm is not None:
+            x = self.encoder.final_norm(x)
+        pooled = torch.tanh(self.pooler(x[:, 0]))  # (P, D)
+        return self.rank_output(pooled).squeeze(-1), logits
+
+    def _pair_chunks(self, n: int) -> range:
+        return range(0, n, max(1, self.pair_batch))
+
+    def _score_index(self, img: TowerOutput, txt: TowerOutput, ii: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        out = []
+        for s in self._pair_chunks(len(ii)):
+            a, b = ii[s:s + self.pair_batch], tt[s:s + self.pair_batch]
+            pi = TowerOutput(tokens=img.tokens[a], pooled=img.pooled[a], mask=img.mask[a])
+            pt = TowerOutput(tokens=txt.tokens[b], pooled=txt.pooled[b], mask=txt.mask[b])
+            out.append(self.forward_pairs(pi, pt)[0])
+        return torch.cat(out) if out else img.tokens.new_zeros(0)
+
+    # PairScorer interface ----------------------------------------------------------------
+    def encode_image_reps(self, images: Any) -> TowerOutput:
+        """Embedded image tokens (B, R, D) + mask; ``pooled`` = the first stage's embedding, if any."""
+        reps = self.embed_images(images)
+        if self.first_stage is not None:
+            reps.pooled = self.first_stage.model.encode_image(images).float()
+        return reps
+
+    def encode_text_reps(self, texts: Any) -> TowerOutput:
+        """Embedded text tokens (B, L, D) + mask; ``pooled`` = the first stage's embedding, if any."""
+        reps = self.embed_texts(texts)
+        if self.first_stage is not None:
+            reps.pooled = self.first_stage.model.encode_text(list(texts)).float()
+        return reps
+
+    def score(self, image_reps: TowerOutput, text_reps: TowerOutput) -> torch.Tensor:
+        """All pairs ``(Ni, Nt)``, ``pair_batch`` pairs per transformer call."""
+        ni, nt = image_reps.tokens.shape[0], text_reps.tokens.shape[0]
+        dev = image_reps.tokens.device
+        ii = torch.arange(ni, device=dev).repeat_interleave(nt)  # (Ni*Nt,) image-major
+        tt = torch.arange(nt, device=dev).repeat(ni)
+        return self._score_index(image_reps, text_reps, ii, tt).view(ni, nt)  # (Ni, Nt)
+
+    def score_pairs(self, image_reps: TowerOutput, text_reps: TowerOutput, image_idx: Any,
+                    text_idx: Any) -> torch.Tensor:
+        """Scores ``(P,)`` of the listed pairs (re-ranking a shortlist), batched."""
+        ii = torch.as_tensor(image_idx, dtype=torch.long, device=image_reps.tokens.device)
+        tt = torch.as_tensor(text_idx, dtype=torch.long, device=text_reps.tokens.device)
+        return self._score_index(image_reps, text_reps, ii, tt)
+
+    def first_stage_embeddings(self, image_reps: TowerOutput,
+                               text_reps: TowerOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attached first stage's embeddings (``model.args.first_stage``)."""
+        if self.first_stage is None or image_reps.pooled.shape[-1] == 0:
+            raise ConfigError("cross_encoder: no first stage attached; set model.args.first_stage: RUN "
+                              "(an embedding model's run folder) or pass --first-stage RUN")
+        return image_reps.pooled, text_reps.pooled
+
+    # training -----------------------------------------------------------------------------
+    def prepare_training(self, cfg: Any, run_dir: Any) -> None:
+        """Check that training validation can rank: two-stage needs a first stage."""
+        if cfg.eval.rerank_k and self.first_stage is None:
+            raise ConfigError(f"eval.rerank_k={cfg.eval.rerank_k}: validation re-ranks a first stage; set "
+                              "model.args.first_stage: RUN (e.g. the emoji baseline run) or eval.rerank_k=0 "
+                              "(exact: every pair through the transformer, slow)")
+
+
+def _register_task() -> None:
+    # the task lives in train/ (it samples from the split); import it so TASKS knows it
+    from ..train import hard_negatives  # noqa: F401
+
+
+_register_task()
+
+
+# ------------------------------------------------------------------------------------------
+# construction from a config
+# ------------------------------------------------------------------------------------------
+_NUM = (int, float)
+_ARGS: dict[str, Any] = {
+    "text_init": (str, type(None)), "text_init_weights": bool, "layers": (int, type(None)),
+    "dim": int, "depth": int, "heads": int, "ff_dim": (int, type(None)), "dropout": _NUM,
+    "box_dim": int, "grid": (list, type(None)), "max_text_length": int, "pair_batch": int,
+    "first_stage": (str, type(None)),
+}
+_RANDOM_ONLY = ("dim", "depth", "heads", "ff_dim")
+
+
+def _check_args(args: dict) -> dict:
+    out = dict(args)
+    for key, value in out.items():
+        if key not in _ARGS:
+            raise ConfigError(f"unknown config key 'model.args.{key}' for model type cross_encoder; "
+                              f"valid keys: {', '.join(_ARGS)}")
+        want = _ARGS[key]
+        ok = isinstance(value, bool) if want is bool else (isinstance(value, want) and not isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"model.args.{key}: unexpected value {value!r}")
+    return out
+
+
+def build_cross_encoder(cfg) -> CrossEncoder:
+    """Build the cross-encoder from a :class:`xmodal.config.ModelConfig` (``type: cross_encoder``).
+
+    ``text_init`` (default MiniLM) gives the tokenizer and, unless ``text_init_weights: false``,
+    the text embeddings and the first ``layers`` transformer layers; with ``text_init_weights:
+    false`` the model is random at ``dim`` / ``depth`` / ``heads`` / ``ff_dim`` (tests).
+    """
+    from . import image as _image  # noqa: F401  (registers image towers)
+
+    args = _check_args(cfg.args)
+    dropout = float(args.get("dropout", 0.1))
+    bert = load_bert(args.get("text_init"), dropout=dropout)
+    if args.get("text_init_weights", True):
+        bad = [k for k in _RANDOM_ONLY if k in args]
+        if bad:
+            raise ConfigError(f"model.args.{bad[0]}: set by the text_init checkpoint; remove it "
+                              "(or set text_init_weights: false for a random model)")
+        embeddings, encoder = bert["embeddings"], bert["encoder"]
+        keep = args.get("layers")
+        if keep is not None:
+            if not 1 <= keep <= encoder.depth:
+                raise ConfigError(f"model.args.layers: expected 1..{encoder.depth} (the checkpoint's layers), got {keep}")
+            encoder.layers = nn.ModuleList(list(encoder.layers)[:keep])
+            encoder.depth = keep
+    else:
+        if "layers" in args:
+            raise ConfigError("model.args.layers: only with text_init_weights: true; use depth")
+        dim, depth, heads = int(args.get("dim", 64)), int(args.get("depth", 2)), int(args.get("heads", 4))
+        embeddings = TextEmbeddings(len(bert["tokenizer"]), dim, 512, 2, dropout)
+        encoder = TransformerEncoder(dim, depth, heads, args.get("ff_dim"), dropout)
+        _init_weights(embeddings)
+        _init_weights(encoder)
+    image_tower = IMAGE_TOWERS.create(cfg.image.name, **cfg.image.args)
+    if getattr(image_tower, "input_kind", "features") == "features":
+        image_dim = int(cfg.image.args.get("in_dim", 2048))  # region rows are the tokens themselves
+        image_tower = None
+    else:
+        image_dim = int(image_tower.output_dim)
+        if cfg.image.frozen:
+            image_tower.requires_grad_(False)
+            image_tower.eval()
+    return CrossEncoder(image_tower, image_dim=image_dim, embeddings=embeddings, encoder=encoder,
+                        tokenizer=bert["tokenizer"], box_dim=int(args.get("box_dim", 7)), grid=args.get("grid"),
+                        dropout=dropout, max_text_length=int(args.get("max_text_length", 40)),
+                        pair_batch=int(args.get("pair_batch", 256)), first_stage=args.get("first_stage"),
+                        frozen_image=cfg.image.frozen)
+
+
+@MODELS.register("cross_encoder")
+def _build(cfg) -> nn.Module:
+    return build_cross_encoder(cfg)

@@ -1,0 +1,201 @@
+"""Hard-negative fine-tuning of a cross-encoder, as UNITER / IAIS do it.
+
+``train_itm_hard_negatives.py`` of UNITER and ``lancopku/IAIS``: for every positive pair a
+pool of ``negatives`` items of the other modality is drawn at random (never a positive of
+the anchor), every ``(anchor, candidate)`` pair is scored without gradients in eval mode,
+the ``hard_negatives`` highest-scoring negatives are kept, and the positive plus its kept
+negatives are scored again with gradients and trained with a hinge on the sigmoid scores
+(:func:`xmodal.losses.relation.ranking_hinge`). Batches whose negatives are texts (the
+anchor is an image; IAIS aligns the regions, ``V``) and batches whose negatives are images
+(the anchor is a text; IAIS aligns the words, ``L``) alternate by step (``directions:
+alternate``) or are both taken every step (``both``: the original accumulates one of each
+per optimiser step). The IAIS term is computed on the positive pairs only, from the last
+layer's attention (:func:`xmodal.losses.relation.relation_maps`).
+
+The pool comes from the whole training split, so the task needs more than the loop's batch:
+the loop calls :meth:`HardNegativeTask.attach_split` once with the prepared split. Draws are
+``default_rng([seed, step, salt])``: a pure function of the step, so resume stays exact.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.base import GroundTruth
+from ..errors import ConfigError, DataError
+from ..models.base import TowerOutput
+from .data import Batch
+from .task import TASKS, split_terms
+
+log = logging.getLogger(__name__)
+
+_NEG_STREAM = 0x49_41_49_53  # "IAIS": keeps the negative draws off the batch-order streams
+
+
+def sample_negatives(candidates: int, positives: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` distinct items of ``range(candidates)``, none in ``positives``, uniformly."""
+    pos = np.unique(np.asarray(positives, dtype=np.int64))
+    free = candidates - len(pos)
+    if free < size:
+        raise DataError(f"hard negatives: {free} candidates are not positives of an anchor, fewer than "
+                        f"loss.args.negatives={size}; lower it")
+    draw = rng.choice(free, size=size, replace=False)  # ranks among the non-positives
+    # the r-th non-positive is r plus the number of positives at or below it
+    return draw + np.searchsorted(pos - np.arange(len(pos)), draw, side="right")
+
+
+def hardest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``(B, k)`` of the ``k`` highest scores of each row of ``scores`` (B, pool)."""
+    return scores.topk(k, dim=1).indices
+
+
+def _take(inputs: TowerOutput, idx: torch.Tensor) -> TowerOutput:
+    return TowerOutput(tokens=inputs.tokens[idx], pooled=inputs.pooled[idx], mask=inputs.mask[idx])
+
+
+class HardNegativeTask(nn.Module):
+    """Cross-encoder training step with sampled pools and hard negatives (+ IAIS)."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        if not hasattr(loss, "hard_negatives"):
+            raise ConfigError(f"a cross-encoder trains with loss 'iais' (hard negatives), not {type(loss).__name__}")
+        self.model = model
+        self.loss = loss
+        self.split: Any = None
+        self.total_steps = 1
+        self.seed = 0
+        self._text_ids: dict[str, torch.Tensor] | None = None
+
+    # the loop hands the split over once ------------------------------------------------
+    def attach_split(self, cfg: Any, split: Any) -> None:
+        """Keep the training split (its inputs and ground truth) for drawing negative pools.
+
+        Captions are tokenized once here; pools index the token rows.
+        """
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ConfigError("hard-negative training (loss 'iais') runs in one process; launch without torchrun")
+        self.split = split
+        self.total_steps = int(cfg.train.steps)
+        self.seed = int(cfg.train.seed)
+        ds = split.dataset
+        need = self.loss.negatives
+        if ds.num_images - 1 < need:
+            raise ConfigError(f"loss.args.negatives={need}: the training split has only {ds.num_images} images")
+        sample = split.texts(np.arange(min(1, ds.num_texts)))
+        if isinstance(sample, list) and all(isinstance(s, str) for s in sample):
+            batch = self.model.tokenize(split.texts(np.arange(ds.num_texts)))
+            self._text_ids = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        log.info("hard negatives: pool %d, keep %d, %s directions, alignment %s", need,
+                 self.loss.hard_negatives, self.loss.directions, self.loss.alignment)
+
+    def _texts(self, idx: np.ndarray) -> Any:
+        if self._text_ids is None:
+            return self.split.texts(idx)
+        t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        mask = self._text_ids["attention_mask"][t]
+        width = int(mask.sum(1).max())
+        return {"input_ids": self._text_ids["input_ids"][t, :width], "attention_mask": mask[:, :width]}
+
+    def _images(self, idx: np.ndarray) -> Any:
+        return self.split.images(np.asarray(idx, dtype=np.int64), self.model._device())
+
+    # one direction ------------------------------------------------------------------------
+    def _pools(self, batch: Batch, negatives_are: str, rng: np.random.Generator) -> np.ndarray:
+        """(B, 1 + pool) candidate indices, the positive first."""
+        gt: GroundTruth = self.split.dataset.gt
+        size = self.loss.negatives
+        rows = []
+        for t, i in zip(batch.text_idx, batch.image_idx):
+            if negatives_are == "images":  # anchor: the text; never one of its images
+                neg = sample_negatives(gt.num_images, gt.images_of(int(t)), size, rng)
+                rows.append(np.concatenate([[i], neg]))
+            else:  # anchor: the image; never one of its captions
+                neg = sample_negatives(gt.num_texts, self._texts_of(int(i)), size, rng)
+                rows.append(np.concatenate([[t], neg]))
+        return np.stack(rows).astype(np.int64)
+
+    def _texts_of(self, image: int) -> np.ndarray:
+        if not hasattr(self, "_gt_t"):
+            self._gt_t = self.split.dataset.gt.transpose()  # images -> texts
+        return self._gt_t.images_of(image)
+
+    def _direction(self, batch: Batch, negatives_are: str, step: int) -> dict[str, torch.Tensor]:
+        m, loss = self.model, self.loss
+        rng = np.random.default_rng([self.seed, step, _NEG_STREAM, 0 if negatives_are == "texts" else 1])
+        pools = self._pools(batch, negatives_are, rng)  # (B, 1 + pool)
+        B, C = pools.shape
+        k = loss.hard_negatives
+        anchor_idx = batch.image_idx if negatives_are == "texts" else batch.text_idx
+        flat = np.unique(pools)  # embed every candidate once
+        where = torch.from_numpy(np.searchsorted(flat, pools.ravel())).view(B, C)  # (B, C) rows of ``flat``
+        anchors = torch.arange(B)[:, None].expand(B, C)  # (B, C)
+
+        def embed(train_mode: bool) -> tuple[TowerOutput, TowerOutput]:
+            """(anchors, candidates) in the joint space."""
+            m.train(train_mode)
+            if negatives_are == "texts":
+                return m.embed_images(self._images(anchor_idx)), m.embed_texts(self._texts(flat))
+            return m.embed_texts(self._texts(anchor_idx)), m.embed_images(self._images(flat))
+
+        def pairs(a: TowerOutput, c: TowerOutput, ai: torch.Tensor, ci: torch.Tensor) -> tuple[TowerOutput, TowerOutput]:
+            img, txt = (a, c) if negatives_are == "texts" else (c, a)
+            ii, tt = (ai, ci) if negatives_are == "texts" else (ci, ai)
+            return _take(img, ii), _take(txt, tt)
+
+        # 1) score the pool without gradients, in eval mode (the original's self.eval())
+        with torch.no_grad():
+            a, c = embed(False)
+            scores = []
+            ai, ci = anchors.reshape(-1), where.reshape(-1)
+            for s in range(0, len(ai), m.pair_batch):
+                img, txt = pairs(a, c, ai[s:s + m.pair_batch], ci[s:s + m.pair_batch])
+                scores.append(m.forward_pairs(img, txt)[0])
+            pool_scores = torch.cat(scores).view(B, C)  # (B, C)
+        keep = hardest(pool_scores[:, 1:], k) + 1  # (B, k) columns of the kept negatives
+        cols = torch.cat([torch.zeros(B, 1, dtype=torch.long), keep.cpu()], dim=1)  # (B, 1 + k) positive first
+        # 2) the positive and its hardest negatives, with gradients, in train mode
+        a, c = embed(True)
+        sel = where.gather(1, cols)  # (B, 1 + k)
+        img, txt = pairs(a, c, torch.arange(B)[:, None].expand(B, k + 1).reshape(-1), sel.reshape(-1))
+        rows = torch.arange(B, device=img.tokens.device) * (k + 1) if loss.needs_maps else None
+        logits, attn = m.forward_pairs(img, txt, relation_rows=rows)
+        logits = logits.view(B, k + 1)  # (B, 1 + k)
+        maps = None
+        if attn is not None:
+            from ..losses.relation import relation_maps
+
+            pos_txt = _take(txt, rows)
+            pos_img = _take(img, rows)
+            L = int(txt.mask.sum(1).max())  # forward_pairs trims the text to the chunk's longest
+            length = pos_txt.mask[:, :L].sum(1, keepdim=True)  # (B, 1)
+            posn = torch.arange(L, device=length.device)[None]  # (1, L)
+            words = pos_txt.mask[:, :L] & (posn > 0) & (posn < length - 1)  # no [CLS], no [SEP]
+            maps = relation_maps(attn, L, words, pos_img.mask)
+        modality = "V" if negatives_are == "texts" else "L"
+        return loss.combine(logits[:, 0], logits[:, 1:], maps, modality, step, self.total_steps)
+
+    def training_step(self, batch: Batch, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        if self.split is None:
+            raise ConfigError("hard-negative task: no training split attached (the loop calls attach_split)")
+        if self.loss.directions == "both":
+            sides = ("texts", "images")
+        else:
+            sides = ("texts",) if step % 2 == 0 else ("images",)
+        total: dict[str, torch.Tensor] = {}
+        for side in sides:
+            for key, v in self._direction(batch, side, step).items():
+                total[key] = total[key] + v if key in total and key.endswith("_loss") else v
+        self.model.train(True)
+        return split_terms(total)
+
+
+@TASKS.register("itm_hard_negatives")
+def _hard_negatives(model: nn.Module, loss: nn.Module) -> HardNegativeTask:
+    return HardNegativeTask(model, loss)
