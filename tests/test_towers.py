@@ -169,7 +169,13 @@ def _text_cases(request: pytest.FixtureRequest) -> dict[str, list[Callable[[], t
             return TEXT_TOWERS.create("bigru", tokenizer_json=tj, word_dim=12, out_dim=10, **kw), 10
         return build
 
-    return {"hf": [minilm], "bigru": [bigru(), bigru(pooling="last", bidirectional=False), bigru(pooling="max")]}
+    def multifield() -> tuple[TextTower, int]:
+        torch.manual_seed(0)
+        return TEXT_TOWERS.create("multifield", fields=["title", "body"], scratch=True, hidden_dim=8,
+                                  num_layers=1, num_heads=2, max_length=16), 16
+
+    return {"hf": [minilm], "bigru": [bigru(), bigru(pooling="last", bidirectional=False), bigru(pooling="max")],
+            "multifield": [multifield]}
 
 
 @pytest.mark.parametrize("name", TEXT_TOWERS.names())

@@ -17,7 +17,7 @@ from ..errors import XmodalError
 
 _COMMAND_MODULES = (
     "demo", "evaluate_embeddings", "train", "evaluate", "extract",
-    "index", "search", "retrieve_corpus", "serve", "synthesis",
+    "index", "search", "retrieve_corpus", "serve", "train_synthesis", "synthesize",
 )
 
 
@@ -53,12 +53,7 @@ def arguments(add: Callable[[argparse.ArgumentParser], None]):
 
 def _load_commands() -> None:
     for mod in _COMMAND_MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{mod}":
-                continue  # command not built yet
-            raise
+        importlib.import_module(f"{__name__}.{mod}")
 
 
 def build_parser() -> argparse.ArgumentParser:

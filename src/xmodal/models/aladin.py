@@ -46,7 +46,6 @@ original intends epochs, though its configs spell the key with underscores while
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,7 +56,7 @@ from torch import nn
 from ..errors import ConfigError, XmodalError
 from . import MODELS
 from .base import IMAGE_TOWERS, TEXT_TOWERS, EmbeddingScorer, PairScorer, TowerOutput
-from .transformer import ImageEmbeddings, TransformerEncoder, grid_boxes, load_bert
+from .transformer import ImageEmbeddings, TransformerEncoder, image_token_inputs, load_bert
 
 log = logging.getLogger(__name__)
 
@@ -226,37 +225,9 @@ class Aladin(PairScorer):
     # backbone -----------------------------------------------------------------------
     def _image_inputs(self, images: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(features (B, R, F), boxes (B, R, 6) or None, mask (B, R) or None)``."""
-        boxes = mask = None
-        pixels = self.image_tower is not None and self.image_tower.input_kind == "pixels"
-        if isinstance(images, dict):  # feature rows (VinVL regions + boxes)
-            feats, boxes, mask = images["features"], images.get("boxes"), images.get("mask")
-            if mask is None:
-                mask = feats.abs().sum(-1) > 0  # padded region rows are zero
-        elif isinstance(images, TowerOutput):
-            feats, mask = images.tokens, images.mask
-        elif isinstance(images, torch.Tensor) and images.dim() in (2, 3) and not pixels:
-            feats = images  # feature rows without boxes (precomp)
-        else:
-            if self.image_tower is None:
-                raise XmodalError("ALADIN model has no image tower: pass region features or cached tokens")
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not (self.frozen_image or self.freeze_backbone)):
-                out = self.image_tower(images.to(self._device()) if torch.is_tensor(images) else images)
-            feats, mask = out.tokens, out.mask
-        feats = feats.to(self._device()).float()
-        if feats.dim() == 2:
-            feats = feats[:, None]  # (B, 1, F) a pooled vector as one token
-        if boxes is None and self.image_embed.box_dim:
-            n = feats.shape[1]
-            h, w = self.grid or (math.isqrt(n), math.isqrt(n))
-            if h * w != n:
-                raise ConfigError(f"aladin: {n} image tokens without boxes are not a square grid; "
-                                  f"set model.args.grid: [height, width] or box_dim: 0")
-            boxes = grid_boxes(h, w, feats.device)[None].expand(feats.shape[0], -1, -1)  # (B, R, 6)
-        if boxes is not None:
-            boxes = boxes.to(feats.device).float()
-        if mask is not None:
-            mask = mask.to(feats.device).bool()
-        return feats, boxes, mask
+        return image_token_inputs(images, self.image_tower, self._device(),
+                                  run_tower_with_grad=not (self.frozen_image or self.freeze_backbone),
+                                  box_dim=self.image_embed.box_dim, grid=self.grid, who="aladin")
 
     def image_states(self, images: Any) -> TowerOutput:
         """Backbone outputs over ``[IMG] + image tokens``: tokens (B, 1 + R, D), mask (B, 1 + R)."""

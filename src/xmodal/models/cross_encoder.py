@@ -49,7 +49,7 @@ from torch import nn
 from ..errors import ConfigError, XmodalError
 from . import MODELS
 from .base import IMAGE_TOWERS, EmbeddingScorer, PairScorer, TowerOutput
-from .transformer import TextEmbeddings, TransformerEncoder, grid_boxes, load_bert
+from .transformer import TextEmbeddings, TransformerEncoder, image_token_inputs, load_bert
 
 log = logging.getLogger(__name__)
 
@@ -169,41 +169,15 @@ class CrossEncoder(PairScorer):
     # item embeddings ------------------------------------------------------------------
     def _image_inputs(self, images: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(features (B, R, F), boxes (B, R, 7) or None, mask (B, R) or None)``."""
-        boxes = mask = None
-        pixels = self.image_tower is not None and self.image_tower.input_kind == "pixels"
-        if isinstance(images, dict):  # feature rows with boxes (VinVL)
-            feats, boxes, mask = images["features"], images.get("boxes"), images.get("mask")
-            if mask is None:
-                mask = feats.abs().sum(-1) > 0  # padded region rows are zero
-        elif isinstance(images, TowerOutput):
-            feats, mask = images.tokens, images.mask
-        elif isinstance(images, torch.Tensor) and images.dim() in (2, 3) and not pixels:
-            feats = images  # feature rows without boxes (precomp)
-        else:
-            if self.image_tower is None:
-                raise XmodalError("cross-encoder has no image tower: pass region features or cached tokens")
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_image):
-                out = self.image_tower(images.to(self._device()) if torch.is_tensor(images) else images)
-            feats, mask = out.tokens, out.mask
-        device = self._device()
-        feats = feats.to(device).float()
-        if feats.dim() == 2:
-            feats = feats[:, None]  # (B, 1, F) a pooled vector as one token
-        if self.image_embed.box_dim:
-            if boxes is None:
-                n = feats.shape[1]
-                h, w = self.grid or (math.isqrt(n), math.isqrt(n))
-                if h * w != n:
-                    raise ConfigError(f"cross_encoder: {n} image tokens without boxes are not a square grid; "
-                                      "set model.args.grid: [height, width] or box_dim: 0")
-                boxes = grid_boxes(h, w, device)[None].expand(feats.shape[0], -1, -1)  # (B, R, 6)
-            boxes = boxes.to(device).float()
+        feats, boxes, mask = image_token_inputs(images, self.image_tower, self._device(),
+                                                run_tower_with_grad=not self.frozen_image,
+                                                box_dim=self.image_embed.box_dim, grid=self.grid,
+                                                who="cross_encoder")
+        if boxes is not None:
             if boxes.shape[-1] == 6:
                 boxes = boxes7(boxes)
             if boxes.shape[-1] != 7:
                 raise XmodalError(f"image boxes have {boxes.shape[-1]} values, expected 6 or 7")
-        if mask is not None:
-            mask = mask.to(device).bool()
         return feats, boxes, mask
 
     def embed_images(self, images: Any) -> TowerOutput:

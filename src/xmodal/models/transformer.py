@@ -309,3 +309,48 @@ def _copy(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> No
         if own[k].shape != v.shape:
             raise XmodalError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
     module.load_state_dict(tensors, strict=True)
+
+
+def image_token_inputs(images: Any, tower: Any, device: Any, *, run_tower_with_grad: bool, box_dim: int,
+                       grid: Any, who: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Image tokens for a transformer over regions or grid cells, from whatever a split feeds.
+
+    ``images``: feature rows (a dict with ``features`` and optional ``boxes``/``mask``, as VinVL
+    and precomp readers give), cached tower outputs (:class:`TowerOutput`), a tensor of feature
+    rows, or pixels for ``tower``. Returns ``(features (B, R, F), boxes (B, R, 6) or None,
+    mask (B, R) or None)`` on ``device``; without boxes and with ``box_dim``, the tokens are a
+    ``grid`` (default: square) and get their cells' boxes.
+    """
+    from .base import TowerOutput
+
+    boxes = mask = None
+    pixels = tower is not None and getattr(tower, "input_kind", None) == "pixels"
+    if isinstance(images, dict):  # feature rows (VinVL regions + boxes)
+        feats, boxes, mask = images["features"], images.get("boxes"), images.get("mask")
+        if mask is None:
+            mask = feats.abs().sum(-1) > 0  # padded region rows are zero
+    elif isinstance(images, TowerOutput):
+        feats, mask = images.tokens, images.mask
+    elif isinstance(images, torch.Tensor) and images.dim() in (2, 3) and not pixels:
+        feats = images  # feature rows without boxes (precomp)
+    else:
+        if tower is None:
+            raise XmodalError(f"{who} has no image tower: pass region features or cached tokens")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and run_tower_with_grad):
+            out = tower(images.to(device) if torch.is_tensor(images) else images)
+        feats, mask = out.tokens, out.mask
+    feats = feats.to(device).float()
+    if feats.dim() == 2:
+        feats = feats[:, None]  # (B, 1, F) a pooled vector as one token
+    if boxes is None and box_dim:
+        n = feats.shape[1]
+        h, w = grid or (math.isqrt(n), math.isqrt(n))
+        if h * w != n:
+            raise ConfigError(f"{who}: {n} image tokens without boxes are not a square grid; "
+                              f"set model.args.grid: [height, width] or box_dim: 0")
+        boxes = grid_boxes(h, w, device)[None].expand(feats.shape[0], -1, -1)  # (B, R, 6)
+    if boxes is not None:
+        boxes = boxes.to(device).float()
+    if mask is not None:
+        mask = mask.to(device).bool()
+    return feats, boxes, mask

@@ -4,10 +4,17 @@ Batch ``b`` of the run is a pure function of ``(seed, b)``: epoch ``e = b // bat
 shuffles the texts with ``default_rng([seed, e])`` and draws one positive image per text
 from the same generator. A resumed run therefore sees exactly the batches an uninterrupted
 run would, with no sampler state to save.
+
+Multilingual training (X-MRS) draws, for every sample of a batch, one of its versions
+(languages, translations, back-translated paraphrases). The versions of one sample are a
+:class:`TextGroups` group (texts with the same positive images); a training split whose
+``gt`` is a :class:`GroupedGroundTruth` makes :class:`BatchOrder` shuffle groups and draw
+one language per sample, then one text of that language, with ``default_rng([seed,
+step, ...])``: a pure function of the seed and the step again, so resume stays exact.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -27,20 +34,128 @@ class Batch:
     texts: Any  # whatever the text side consumes (TowerOutput, list[str], ...)
 
 
+@dataclass(frozen=True)
+class TextGroups:
+    """Texts that are versions of one sample, grouped, with each version's language.
+
+    Group ``g`` holds language blocks ``lang_ptr[g]:lang_ptr[g + 1]``; block ``b`` holds the
+    texts ``members[member_ptr[b]:member_ptr[b + 1]]``, all in language ``block_lang[b]``.
+    """
+
+    lang_ptr: np.ndarray  # (G + 1,) int64
+    member_ptr: np.ndarray  # (nblocks + 1,) int64
+    members: np.ndarray  # (n,) int64 text indices
+    block_lang: np.ndarray  # (nblocks,) int64 index into ``languages``
+    languages: tuple[str, ...]
+    #: relative weight of each language in the draw (None = uniform over a sample's languages)
+    lang_weight: np.ndarray | None = None
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.lang_ptr) - 1
+
+    @classmethod
+    def by_positives(cls, gt: GroundTruth, langs: list[str] | None,
+                     weights: dict[str, float] | None = None) -> "TextGroups":
+        """Group the texts that have an image by their set of positive images.
+
+        Translations and paraphrases of a text share its images, so they land in its group;
+        groups are ordered by their first text, languages within a group by first appearance.
+        ``weights`` gives languages a relative weight in the draw (others weigh 1), e.g.
+        ``{"en": 4}`` to keep the source language frequent among many translations.
+        """
+        codes = list(dict.fromkeys(langs)) if langs is not None else ["und"]
+        code_of = {c: k for k, c in enumerate(codes)}
+        group_of: dict[bytes, int] = {}
+        blocks: list[dict[int, list[int]]] = []
+        for t in np.flatnonzero(gt.counts() > 0):
+            key = gt.images_of(int(t)).tobytes()
+            g = group_of.setdefault(key, len(blocks))
+            if g == len(blocks):
+                blocks.append({})
+            lang = code_of[langs[t]] if langs is not None else 0
+            blocks[g].setdefault(lang, []).append(int(t))
+        lang_ptr, member_ptr, members, block_lang = [0], [0], [], []
+        for by_lang in blocks:
+            for lang, texts in by_lang.items():
+                members.extend(texts)
+                member_ptr.append(len(members))
+                block_lang.append(lang)
+            lang_ptr.append(len(block_lang))
+        i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+        lang_weight = None
+        if weights:
+            bad = {k: v for k, v in weights.items() if not isinstance(v, (int, float)) or v <= 0}
+            if bad:
+                raise DataError(f"language weights must be positive numbers, got {bad}")
+            lang_weight = np.asarray([float(weights.get(c, 1.0)) for c in codes])
+        return cls(i64(lang_ptr), i64(member_ptr), i64(members), i64(block_lang), tuple(codes), lang_weight)
+
+    def first_text(self) -> np.ndarray:
+        """(G,) the first text of every group (its positives are the group's)."""
+        return self.members[self.member_ptr[self.lang_ptr[:-1]]]
+
+    def draw(self, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One text per group: a language among the group's (uniformly, or by ``lang_weight``),
+        then one of its texts uniformly."""
+        groups = np.asarray(groups, dtype=np.int64)
+        lo, hi = self.lang_ptr[groups], self.lang_ptr[groups + 1]  # (B,) block ranges
+        u = rng.random(len(groups))
+        if self.lang_weight is None:
+            block = lo + (u * (hi - lo)).astype(np.int64)  # (B,)
+        else:  # weighted: invert the cumulative weight of the group's blocks
+            cw = np.concatenate([[0.0], np.cumsum(self.lang_weight[self.block_lang])])  # (nblocks + 1,)
+            target = cw[lo] + u * (cw[hi] - cw[lo])
+            block = np.clip(np.searchsorted(cw, target, side="right") - 1, lo, hi - 1)
+        size = self.member_ptr[block + 1] - self.member_ptr[block]  # (B,)
+        return self.members[self.member_ptr[block] + (rng.random(len(groups)) * size).astype(np.int64)]
+
+
+@dataclass(frozen=True)
+class GroupedGroundTruth(GroundTruth):
+    """A ground truth that also knows which texts are versions of one sample.
+
+    :class:`BatchOrder` iterates over its groups and draws one version per sample and step.
+    """
+
+    groups: TextGroups | None = field(default=None, compare=False)
+
+    @classmethod
+    def of(cls, gt: GroundTruth, langs: list[str] | None,
+           weights: dict[str, float] | None = None) -> "GroupedGroundTruth":
+        return cls(gt.indptr, gt.indices, gt.num_images, TextGroups.by_positives(gt, langs, weights))
+
+
+# salt for the per-step version draws, so they never share a stream with the epoch shuffles
+_DRAW_STREAM = 0x58_4D_52_53
+
+
 class BatchOrder:
-    """Deterministic epochs of text indices, each with one sampled positive image."""
+    """Deterministic epochs of text indices, each with one sampled positive image.
+
+    With a :class:`GroupedGroundTruth` the epochs are over groups (samples) and every
+    batch draws one version of each sample (see the module docstring).
+    """
 
     def __init__(self, gt: GroundTruth, batch_size: int, seed: int) -> None:
-        counts = gt.counts()
-        self.texts = np.flatnonzero(counts > 0)
+        self.groups = gt.groups if isinstance(gt, GroupedGroundTruth) else None
+        if self.groups is not None:
+            # epochs over samples; ``texts`` holds each group's first text for its positives
+            self.texts = self.groups.first_text()
+        else:
+            self.texts = np.flatnonzero(gt.counts() > 0)
         if len(self.texts) < batch_size:
-            raise DataError(f"training split has {len(self.texts)} texts with an image, fewer than "
+            unit = "samples (text groups)" if self.groups is not None else "texts"
+            raise DataError(f"training split has {len(self.texts)} {unit} with an image, fewer than "
                             f"train.batch_size={batch_size}; lower the batch size")
         self.gt = gt
         self.batch_size = batch_size
         self.seed = seed
         self.batches_per_epoch = len(self.texts) // batch_size
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        if self.groups is not None:
+            self._group_of_first = np.full(gt.num_texts, -1, dtype=np.int64)  # first text -> group
+            self._group_of_first[self.texts] = np.arange(len(self.texts))
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is None or self._cache[0] != epoch:
@@ -57,7 +172,12 @@ class BatchOrder:
         epoch, k = divmod(step, self.batches_per_epoch)
         order, images = self._epoch(epoch)
         sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
-        return order[sl], images[sl]
+        if self.groups is None:
+            return order[sl], images[sl]
+        # order holds first texts; map back to groups and draw this step's versions
+        groups = self._group_of_first[order[sl]]
+        texts = self.groups.draw(groups, np.random.default_rng([self.seed, step, _DRAW_STREAM]))
+        return texts, images[sl]
 
 
 def positive_mask(gt: GroundTruth, image_idx: np.ndarray, text_idx: np.ndarray) -> torch.Tensor:
@@ -115,6 +235,19 @@ class RawTexts:
 
     def __call__(self, idx: np.ndarray, device: Any = "cpu") -> list[str]:
         return [self.captions[int(k)] for k in idx]
+
+
+class FieldTexts:
+    """Multi-field texts (recipes): ``{field: string}`` records for a multi-field text tower."""
+
+    def __init__(self, fields: dict[str, list[str]], names: list[str]) -> None:
+        self.fields = {f: fields[f] for f in names}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.fields.values())))
+
+    def __call__(self, idx: np.ndarray, device: Any = "cpu") -> list[dict[str, str]]:
+        return [{f: vals[int(k)] for f, vals in self.fields.items()} for k in idx]
 
 
 class FeatureRows:

@@ -3,6 +3,14 @@
 Shared by training, ``xmodal eval`` and the demo, so that a split is prepared the same way
 everywhere. Frozen pixel towers go through the feature cache (:mod:`xmodal.features`);
 frozen text towers are run once over the captions and cached too.
+
+Three ``data.train_options`` keys shape the training texts instead of going to the reader:
+``translations`` (a translations file, or a list; see :mod:`xmodal.data.translations`)
+adds every translated / back-translated row as another version of its source text;
+``translation_langs`` keeps only the listed file languages; ``sample_lang: true`` makes each
+training sample one group of versions (same positive images) from which every step draws
+one language, then one text (X-MRS multilingual training; :class:`.data.BatchOrder`);
+``lang_weights`` (e.g. ``{en: 4}``) weighs languages in that draw (others weigh 1).
 """
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +26,9 @@ import numpy as np
 import torch
 
 from ..data.base import CrossModalDataset, load_dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models.base import TowerOutput
-from .data import CachedOutputs, FeatureRows, PixelImages, RawTexts
+from .data import CachedOutputs, FeatureRows, FieldTexts, GroupedGroundTruth, PixelImages, RawTexts
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +52,37 @@ def resolve_data_path(fmt: str, path: str) -> str:
     return path
 
 
+#: ``data.train_options`` keys read here, not passed to the dataset reader
+TRAIN_TEXT_OPTIONS = ("translations", "translation_langs", "sample_lang", "lang_weights")
+
+
 def load_split(cfg, split: str, lang: str | None, training: bool = False) -> CrossModalDataset:
     d = cfg.data
     options = dict(d.options)
+    text_opts: dict = {}
     if training:
         options.update(d.train_options)
+        text_opts = {k: options.pop(k) for k in TRAIN_TEXT_OPTIONS if k in options}
     if d.format == "emoji":
         options.setdefault("lang", lang or "en")
     ds = load_dataset(d.format, resolve_data_path(d.format, d.path), split, **options)
     if d.format != "emoji" and lang not in (None, "any", "all"):
         if ds.langs is not None:
             ds = ds.filter_lang(lang)
+    if text_opts.get("translations"):
+        from ..data.translations import load_and_augment
+
+        langs = text_opts.get("translation_langs")
+        ds = load_and_augment(ds, text_opts["translations"],
+                              langs=[langs] if isinstance(langs, str) else langs)
     return ds
+
+
+def _sample_lang(cfg) -> bool:
+    value = cfg.data.train_options.get("sample_lang", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"data.train_options.sample_lang: expected true/false, got {value!r}")
+    return value
 
 
 def _tower_spec(tcfg, tower=None) -> dict:
@@ -110,7 +137,7 @@ def image_inputs(cfg, model, ds: CrossModalDataset, head_input: str, progress: b
 
 
 @torch.inference_mode()
-def encode_texts_cached(tower, tcfg, captions: list[str], *, tokens: bool, batch_size: int = 256,
+def encode_texts_cached(tower, tcfg, captions: list, *, tokens: bool, batch_size: int = 256,
                         progress: bool = True) -> CachedOutputs:
     """Run a frozen text tower once over ``captions``; cached on disk by content hash."""
     from safetensors.numpy import load_file, save_file
@@ -119,7 +146,8 @@ def encode_texts_cached(tower, tcfg, captions: list[str], *, tokens: bool, batch
     from ..utils import atomic_write
 
     h = hashlib.sha256(json.dumps({"spec": _tower_spec(tcfg, tower), "tokens": tokens}, sort_keys=True).encode())
-    for c in captions:
+    for c in captions:  # strings, or field records of multi-field texts
+        c = c if isinstance(c, str) else json.dumps(c, sort_keys=True, ensure_ascii=False)
         h.update(c.encode("utf-8", "surrogatepass") + b"\0")
     path = cache_root() / "text" / f"{h.hexdigest()[:24]}.safetensors"
     if path.exists():
@@ -147,10 +175,15 @@ def encode_texts_cached(tower, tcfg, captions: list[str], *, tokens: bool, batch
 
 def text_inputs(cfg, model, ds: CrossModalDataset, head_input: str, progress: bool = True) -> Any:
     tower = getattr(model, "text_tower", None)
+    names = getattr(tower, "fields", None)
+    # a multi-field tower gets {field: text} records when the data has all its fields;
+    # otherwise each caption is one field (emoji labels, free-text queries)
+    records = FieldTexts(ds.fields, list(names)) if names and ds.fields and set(names) <= set(ds.fields) else None
     if tower is not None and cfg.model.text.frozen:
-        return encode_texts_cached(tower, cfg.model.text, ds.captions, tokens=(head_input == "tokens"),
+        texts = records(np.arange(ds.num_texts)) if records is not None else ds.captions
+        return encode_texts_cached(tower, cfg.model.text, texts, tokens=(head_input == "tokens"),
                                    progress=progress)
-    return RawTexts(ds.captions)
+    return records if records is not None else RawTexts(ds.captions)
 
 
 def prepare_split(cfg, model, split: str, lang: str | None, *, training: bool = False,
@@ -160,5 +193,17 @@ def prepare_split(cfg, model, split: str, lang: str | None, *, training: bool = 
     needs = getattr(model, "input_needs", None)
     img_in, txt_in = needs() if callable(needs) else (cfg.model.image_head.input, cfg.model.text_head.input)
     ds, images = image_inputs(cfg, model, ds, img_in, progress)
+    if training and _sample_lang(cfg):
+        # after image_inputs: dropping unreadable images rebuilds gt, which would lose the groups
+        weights = cfg.data.train_options.get("lang_weights")
+        if weights is not None and not isinstance(weights, dict):
+            raise ConfigError(f"data.train_options.lang_weights: expected a mapping such as {{en: 4}}, got {weights!r}")
+        try:
+            ds = replace(ds, gt=GroupedGroundTruth.of(ds.gt, ds.langs, weights))
+        except DataError as exc:
+            raise ConfigError(f"data.train_options.lang_weights: {exc}") from None
+        groups = ds.gt.groups
+        log.info("%s/%s: %d samples with versions in %d languages", ds.name, ds.split, groups.num_groups,
+                 len(groups.languages))
     texts = text_inputs(cfg, model, ds, txt_in, progress)
     return SplitInputs(ds, images, texts)
