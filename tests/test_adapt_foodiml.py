@@ -203,3 +203,15 @@ def test_ensemble_config_is_evaluated_not_trained(runs, tmp_path, capsys):
     got = _metrics(capsys, ["eval", str(ens), "--json"])
     assert got == pytest.approx(_metrics(capsys, ["eval", str(runs["adapt"]), "--json"]))
     assert isinstance(load(ens), AdaptEnsemble)
+
+
+@pytest.mark.parametrize("name", ["emoji/adapt_ens.yaml", "adapt/coco_precomp_ens.yaml"])
+def test_shipped_ensemble_configs_build(runs, name):
+    """The packaged ensemble configs carry no member-level settings: they build from two runs."""
+    from xmodal.config import load_config
+    from xmodal.models import create_model
+    from xmodal.models.adapt import AdaptEnsemble
+
+    run = runs["adapt"]
+    cfg = load_config(CONFIGS / name, overrides=[f"model.args.members=[{run}, {run}]"])
+    assert isinstance(create_model(cfg.model), AdaptEnsemble)
