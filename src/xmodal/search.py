@@ -283,7 +283,6 @@ def _pixel_tower(model: Any, what: str) -> Any:
 
 def _encode_folder(model: Any, folder: Path, batch_size: int, id_prefix: str, progress: bool,
                    skipped: list[dict[str, str]]) -> Iterator[tuple[torch.Tensor, list, list]]:
-    from .data.images import ImageLoadError, open_image
     from .progress import track
 
     tower = _pixel_tower(model, f"indexing the image folder {folder}")
@@ -292,21 +291,29 @@ def _encode_folder(model: Any, folder: Path, batch_size: int, id_prefix: str, pr
         raise DataError(f"{where(folder)}no images ({', '.join(IMAGE_SUFFIXES)}) under this folder")
     for idx in track(_batches(len(files), batch_size), "encoding images", total=-(-len(files) // batch_size),
                      enabled=progress):
-        pixels, ids, meta = [], [], []
-        for i in idx.tolist():
-            path = files[i]
-            try:
-                img = open_image(path)
-            except ImageLoadError as e:
-                log.warning("skipping %s: %s", e.path, e.reason)
-                skipped.append({"path": e.path, "reason": e.reason})
-                continue
-            pixels.append(tower.preprocess(img))
-            rel = path.relative_to(folder).as_posix()
-            ids.append(f"{id_prefix}{rel}")
-            meta.append({"path": str(path.resolve()), "folder": str(folder.resolve())})
+        pixels, ids, meta = folder_images([files[i] for i in idx.tolist()], folder, tower, id_prefix, skipped)
         if pixels:
             yield model.encode_image(torch.stack(pixels)).float(), ids, meta  # (B, 3, H, W) -> (B, D)
+
+
+def folder_images(paths: list[Path], folder: Path, tower: Any, id_prefix: str,
+                  skipped: list[dict[str, str]]) -> tuple[list[torch.Tensor], list[str], list[dict]]:
+    """Preprocessed pixels, ids (path under ``folder``) and metadata of image files; an
+    unreadable file is logged and recorded in ``skipped`` instead."""
+    from .data.images import ImageLoadError, open_image
+
+    pixels, ids, meta = [], [], []
+    for path in paths:
+        try:
+            img = open_image(path)
+        except ImageLoadError as e:
+            log.warning("skipping %s: %s", e.path, e.reason)
+            skipped.append({"path": e.path, "reason": e.reason})
+            continue
+        pixels.append(tower.preprocess(img))
+        ids.append(f"{id_prefix}{path.relative_to(folder).as_posix()}")
+        meta.append({"path": str(path.resolve()), "folder": str(folder.resolve())})
+    return pixels, ids, meta
 
 
 @torch.inference_mode()

@@ -64,7 +64,6 @@ def _encode_dataset_shard(model: Any, cfg: Any, spec: Any, modality: str, lang: 
 def _encode_folder_shard(model: Any, folder: Path, batch_size: int, id_prefix: str, progress: bool, env: Any,
                          skipped: list[dict[str, str]]) -> Iterator[tuple[np.ndarray, list, list]]:
     from .. import search as S
-    from ..data.images import ImageLoadError, open_image
     from ..progress import track
     from ..train.distributed import shard_bounds
 
@@ -75,17 +74,8 @@ def _encode_folder_shard(model: Any, folder: Path, batch_size: int, id_prefix: s
     lo, hi = shard_bounds(len(files), env, align=batch_size)
     starts = range(lo, hi, batch_size)
     for start in track(starts, "encoding images", total=len(starts), enabled=progress):
-        pixels, ids, meta = [], [], []
-        for path in files[start:min(start + batch_size, hi)]:
-            try:
-                img = open_image(path)
-            except ImageLoadError as e:
-                log.warning("skipping %s: %s", e.path, e.reason)
-                skipped.append({"path": e.path, "reason": e.reason})
-                continue
-            pixels.append(tower.preprocess(img))
-            ids.append(f"{id_prefix}{path.relative_to(folder).as_posix()}")
-            meta.append({"path": str(path.resolve()), "folder": str(folder.resolve())})
+        pixels, ids, meta = S.folder_images(files[start:min(start + batch_size, hi)], folder, tower, id_prefix,
+                                            skipped)
         if pixels:
             yield model.encode_image(torch.stack(pixels)).float().numpy(), ids, meta  # (B, 3, H, W) -> (B, D)
 

@@ -124,7 +124,8 @@ class CrossEncoder(PairScorer):
     def __init__(self, image_tower: nn.Module | None, *, image_dim: int, embeddings: TextEmbeddings,
                  encoder: TransformerEncoder, tokenizer: Any, box_dim: int = 7, grid: Any = None,
                  dropout: float = 0.1, max_text_length: int = 40, pair_batch: int = 256,
-                 first_stage: str | None = None, frozen_image: bool = True) -> None:
+                 first_stage: str | None = None, frozen_image: bool = True,
+                 pooler_state: dict[str, torch.Tensor] | None = None, new_lr_scale: float = 1.0) -> None:
         super().__init__()
         if box_dim not in (0, 7):
             raise ConfigError(f"model.args.box_dim: expected 7 (UNITER's box values) or 0 (no boxes), got {box_dim}")
@@ -144,6 +145,15 @@ class CrossEncoder(PairScorer):
         self.rank_output = nn.Linear(self.dim, 1)
         _init_weights(self.pooler)
         _init_weights(self.rank_output)
+        # UNITER starts from BERT's pooler; the checkpoint's when it has one (MiniLM does)
+        self.pooler_pretrained = pooler_state is not None
+        if pooler_state is not None:
+            with torch.no_grad():
+                self.pooler.weight.copy_(pooler_state["weight"])
+                self.pooler.bias.copy_(pooler_state["bias"])
+        if not new_lr_scale > 0:
+            raise ConfigError(f"model.args.new_lr_scale: expected a positive number, got {new_lr_scale!r}")
+        self.new_lr_scale = float(new_lr_scale)
         self.first_stage = _FirstStage(first_stage) if first_stage else None
 
     # bookkeeping --------------------------------------------------------------------
@@ -165,6 +175,22 @@ class CrossEncoder(PairScorer):
 
     def _device(self) -> torch.device:
         return self.pooler.weight.device
+
+    def param_groups(self, cfg: Any = None) -> list[dict[str, Any]]:
+        """Optimiser groups: the parts without pre-trained weights (image embeddings, rank head,
+        a random pooler) learn at ``new_lr_scale`` x ``optim.lr``, the rest at ``optim.lr``.
+
+        The loop multiplies each group's scheduled rate by its ``lr_scale``. UNITER fine-tunes
+        every part at one rate, but from a pre-trained image embedding and ITM head; without
+        them, at the encoder's rate the new parts barely move in a CPU-sized run.
+        """
+        new_mods = [self.image_embed, self.rank_output] + ([] if self.pooler_pretrained else [self.pooler])
+        new = {id(p) for mod in new_mods for p in mod.parameters()}
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if self.new_lr_scale == 1.0:
+            return [{"params": [p for _, p in trainable], "lr_scale": 1.0}]
+        return [{"params": [p for _, p in trainable if id(p) not in new], "lr_scale": 1.0},
+                {"params": [p for _, p in trainable if id(p) in new], "lr_scale": self.new_lr_scale}]
 
     # item embeddings ------------------------------------------------------------------
     def _image_inputs(self, images: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -313,7 +339,7 @@ _ARGS: dict[str, Any] = {
     "text_init": (str, type(None)), "text_init_weights": bool, "layers": (int, type(None)),
     "dim": int, "depth": int, "heads": int, "ff_dim": (int, type(None)), "dropout": _NUM,
     "box_dim": int, "grid": (list, type(None)), "max_text_length": int, "pair_batch": int,
-    "first_stage": (str, type(None)),
+    "first_stage": (str, type(None)), "pooler_init": bool, "new_lr_scale": _NUM,
 }
 _RANDOM_ONLY = ("dim", "depth", "heads", "ff_dim")
 
@@ -343,6 +369,7 @@ def build_cross_encoder(cfg) -> CrossEncoder:
     args = _check_args(cfg.args)
     dropout = float(args.get("dropout", 0.1))
     bert = load_bert(args.get("text_init"), dropout=dropout)
+    pooler_state = None
     if args.get("text_init_weights", True):
         bad = [k for k in _RANDOM_ONLY if k in args]
         if bad:
@@ -355,7 +382,11 @@ def build_cross_encoder(cfg) -> CrossEncoder:
                 raise ConfigError(f"model.args.layers: expected 1..{encoder.depth} (the checkpoint's layers), got {keep}")
             encoder.layers = nn.ModuleList(list(encoder.layers)[:keep])
             encoder.depth = keep
+        if args.get("pooler_init", True):
+            pooler_state = _checkpoint_pooler(bert["path"])
     else:
+        if args.get("pooler_init"):
+            raise ConfigError("model.args.pooler_init: only with text_init_weights: true (the checkpoint's pooler)")
         if "layers" in args:
             raise ConfigError("model.args.layers: only with text_init_weights: true; use depth")
         dim, depth, heads = int(args.get("dim", 64)), int(args.get("depth", 2)), int(args.get("heads", 4))
@@ -376,7 +407,20 @@ def build_cross_encoder(cfg) -> CrossEncoder:
                         tokenizer=bert["tokenizer"], box_dim=int(args.get("box_dim", 7)), grid=args.get("grid"),
                         dropout=dropout, max_text_length=int(args.get("max_text_length", 40)),
                         pair_batch=int(args.get("pair_batch", 256)), first_stage=args.get("first_stage"),
-                        frozen_image=cfg.image.frozen)
+                        frozen_image=cfg.image.frozen, pooler_state=pooler_state,
+                        new_lr_scale=float(args.get("new_lr_scale", 1.0)))
+
+
+def _checkpoint_pooler(path: str) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's BERT pooler ``{weight, bias}``, or None when it has none."""
+    from .transformer import _bert_prefix, _read_state
+
+    state = _read_state(Path(path))
+    pre = _bert_prefix(state)
+    if f"{pre}pooler.dense.weight" not in state:
+        log.info("%s has no pooler; the cross-encoder's pooler starts random", path)
+        return None
+    return {"weight": state[f"{pre}pooler.dense.weight"], "bias": state[f"{pre}pooler.dense.bias"]}
 
 
 @MODELS.register("cross_encoder")

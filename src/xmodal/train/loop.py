@@ -65,6 +65,27 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: C.OptimConfig, device:
     raise ConfigError(f"optim.name: unknown optimizer {cfg.name!r}; choose adam, adamw, adamax or sgd")
 
 
+def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: C.Config) -> list:
+    """Optimiser groups: ``params`` as one group, unless the model has a ``param_groups(cfg)``
+    hook returning ``[{"params": [...], "lr_scale": s}, ...]`` (each group's scheduled rate is
+    multiplied by its ``lr_scale``); trainable parameters the hook leaves out keep scale 1."""
+    hook = getattr(model, "param_groups", None)
+    if not callable(hook):
+        return params
+    trainable = {id(p) for p in params}
+    seen: set[int] = set()
+    groups = []
+    for g in hook(cfg):
+        ps = [p for p in g["params"] if id(p) in trainable and id(p) not in seen]
+        seen.update(id(p) for p in ps)
+        if ps:
+            groups.append({**g, "params": ps, "lr_scale": float(g.get("lr_scale", 1.0))})
+    rest = [p for p in params if id(p) not in seen]
+    if rest:
+        groups.append({"params": rest, "lr_scale": 1.0})
+    return groups
+
+
 def prepare_config(cfg: C.Config) -> None:
     """Fill what a config derives from its data, deterministically, before it is saved.
 
@@ -176,7 +197,7 @@ def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, 
     params = [p for p in task.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen")
-    optimizer = make_optimizer(params, cfg.optim, device)
+    optimizer = make_optimizer(param_groups(model, params, cfg), cfg.optim, device)
     order = ShardedBatchOrder(BatchOrder(train_split.dataset.gt, cfg.train.batch_size, cfg.train.seed), env)
 
     state: dict[str, Any] = {"best_rsum": -1.0, "best_step": -1, "best_metrics": None, "bad_evals": 0,
@@ -223,7 +244,7 @@ def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, 
         while step < total:
             lr = lr_at(step, cfg.optim, total)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             step_seed(env, cfg.train.seed, step)
             # the global batch and its positives; this process encodes its slice ``mine``
             text_idx, image_idx, mine = order.batch(step)
