@@ -174,7 +174,10 @@ class IaisLoss(nn.Module):
     text-negative batches align the regions (``V``), image-negative batches the words (``L``),
     as the original. ``weight`` x TSA ``schedule`` scales the term; ``reduction`` over the
     batch's positives is ``sum`` as in the original (its IAIS term is not divided by the
-    batch size while the ranking term is) or ``mean``.
+    batch size while the ranking term is) or ``mean``. ``random_steps``: for the first steps,
+    the ``hard_negatives`` kept are drawn at random from the pool instead of the hardest (a
+    warm start standing in for UNITER's ITM pre-training with random negatives: mining the
+    hardest negatives of a random model collapses it to a pair-independent score).
     """
 
     #: not a loss over embedding batches: the ``itm_hard_negatives`` task calls :meth:`terms`
@@ -182,7 +185,8 @@ class IaisLoss(nn.Module):
 
     def __init__(self, margin: float = 0.2, negatives: int = 399, hard_negatives: int = 31,
                  directions: str = "alternate", alignment: str = "none", weight: float = 1.0,
-                 schedule: str = "exp", reduction: str = "sum", eps: float = 1e-6) -> None:
+                 schedule: str = "exp", reduction: str = "sum", eps: float = 1e-6,
+                 random_steps: int = 0) -> None:
         super().__init__()
         if alignment not in ALIGNMENTS:
             raise ConfigError(f"loss.args.alignment: expected one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
@@ -195,12 +199,15 @@ class IaisLoss(nn.Module):
         for key, v in (("negatives", negatives), ("hard_negatives", hard_negatives)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"loss.args.{key}: expected a positive integer, got {v!r}")
+        if isinstance(random_steps, bool) or not isinstance(random_steps, int) or random_steps < 0:
+            raise ConfigError(f"loss.args.random_steps: expected a non-negative integer, got {random_steps!r}")
         if hard_negatives > negatives:
             raise ConfigError(f"loss.args.hard_negatives ({hard_negatives}) exceeds loss.args.negatives ({negatives})")
         self.margin = float(margin)
         self.negatives, self.hard_negatives = negatives, hard_negatives
         self.directions, self.alignment = directions, alignment
         self.weight, self.schedule, self.reduction, self.eps = float(weight), schedule, reduction, float(eps)
+        self.random_steps = random_steps
 
     @property
     def needs_maps(self) -> bool:

@@ -125,8 +125,12 @@ class CrossEncoder(PairScorer):
                  encoder: TransformerEncoder, tokenizer: Any, box_dim: int = 7, grid: Any = None,
                  dropout: float = 0.1, max_text_length: int = 40, pair_batch: int = 256,
                  first_stage: str | None = None, frozen_image: bool = True,
-                 pooler_state: dict[str, torch.Tensor] | None = None, new_lr_scale: float = 1.0) -> None:
+                 pooler_state: dict[str, torch.Tensor] | None = None, new_lr_scale: float = 1.0,
+                 init_std: float = 0.02, pooling: str = "cls") -> None:
         super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ConfigError(f"model.args.pooling: expected cls (UNITER) or mean, got {pooling!r}")
+        self.pooling = pooling
         if box_dim not in (0, 7):
             raise ConfigError(f"model.args.box_dim: expected 7 (UNITER's box values) or 0 (no boxes), got {box_dim}")
         if embeddings.token_type.num_embeddings < 2:
@@ -143,8 +147,8 @@ class CrossEncoder(PairScorer):
         self.image_embed = UniterImageEmbeddings(image_dim, self.dim, box_dim, dropout)
         self.pooler = nn.Linear(self.dim, self.dim)
         self.rank_output = nn.Linear(self.dim, 1)
-        _init_weights(self.pooler)
-        _init_weights(self.rank_output)
+        for mod in (self.image_embed, self.pooler, self.rank_output):
+            _init_weights(mod, init_std)
         # UNITER starts from BERT's pooler; the checkpoint's when it has one (MiniLM does)
         self.pooler_pretrained = pooler_state is not None
         if pooler_state is not None:
@@ -261,7 +265,12 @@ class CrossEncoder(PairScorer):
             x, _ = layers[-1](x, mask)
         if self.encoder.final_norm is not None:
             x = self.encoder.final_norm(x)
-        pooled = torch.tanh(self.pooler(x[:, 0]))  # (P, D)
+        if self.pooling == "mean":  # mean over the real tokens of both modalities
+            w = mask.float() if mask is not None else x.new_ones(x.shape[:2])  # (P, L + R)
+            h = (x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)  # (P, D)
+        else:
+            h = x[:, 0]  # [CLS]
+        pooled = torch.tanh(self.pooler(h))  # (P, D)
         return self.rank_output(pooled).squeeze(-1), logits
 
     def _pair_chunks(self, n: int) -> range:
@@ -339,7 +348,8 @@ _ARGS: dict[str, Any] = {
     "text_init": (str, type(None)), "text_init_weights": bool, "layers": (int, type(None)),
     "dim": int, "depth": int, "heads": int, "ff_dim": (int, type(None)), "dropout": _NUM,
     "box_dim": int, "grid": (list, type(None)), "max_text_length": int, "pair_batch": int,
-    "first_stage": (str, type(None)), "pooler_init": bool, "new_lr_scale": _NUM,
+    "first_stage": (str, type(None)), "pooler_init": bool, "new_lr_scale": _NUM, "init_std": _NUM,
+    "pooling": str,
 }
 _RANDOM_ONLY = ("dim", "depth", "heads", "ff_dim")
 
@@ -368,6 +378,11 @@ def build_cross_encoder(cfg) -> CrossEncoder:
 
     args = _check_args(cfg.args)
     dropout = float(args.get("dropout", 0.1))
+    # UNITER's 0.02 suits 768-d; a small random model (tests) needs ~dim^-1/2, or the value and
+    # output projections shrink the attention so much that [CLS] ignores the pair
+    init_std = float(args.get("init_std", 0.02))
+    if not init_std > 0:
+        raise ConfigError(f"model.args.init_std: expected a positive number, got {init_std!r}")
     bert = load_bert(args.get("text_init"), dropout=dropout)
     pooler_state = None
     if args.get("text_init_weights", True):
@@ -392,8 +407,8 @@ def build_cross_encoder(cfg) -> CrossEncoder:
         dim, depth, heads = int(args.get("dim", 64)), int(args.get("depth", 2)), int(args.get("heads", 4))
         embeddings = TextEmbeddings(len(bert["tokenizer"]), dim, 512, 2, dropout)
         encoder = TransformerEncoder(dim, depth, heads, args.get("ff_dim"), dropout)
-        _init_weights(embeddings)
-        _init_weights(encoder)
+        _init_weights(embeddings, init_std)
+        _init_weights(encoder, init_std)
     image_tower = IMAGE_TOWERS.create(cfg.image.name, **cfg.image.args)
     if getattr(image_tower, "input_kind", "features") == "features":
         image_dim = int(cfg.image.args.get("in_dim", 2048))  # region rows are the tokens themselves
@@ -408,7 +423,8 @@ def build_cross_encoder(cfg) -> CrossEncoder:
                         dropout=dropout, max_text_length=int(args.get("max_text_length", 40)),
                         pair_batch=int(args.get("pair_batch", 256)), first_stage=args.get("first_stage"),
                         frozen_image=cfg.image.frozen, pooler_state=pooler_state,
-                        new_lr_scale=float(args.get("new_lr_scale", 1.0)))
+                        new_lr_scale=float(args.get("new_lr_scale", 1.0)), init_std=init_std,
+                        pooling=str(args.get("pooling", "cls")))
 
 
 def _checkpoint_pooler(path: str) -> dict[str, torch.Tensor] | None:

@@ -149,16 +149,20 @@ class HardNegativeTask(nn.Module):
             ii, tt = (ai, ci) if negatives_are == "texts" else (ci, ai)
             return _take(img, ii), _take(txt, tt)
 
-        # 1) score the pool without gradients, in eval mode (the original's self.eval())
-        with torch.no_grad():
-            a, c = embed(False)
-            scores = []
-            ai, ci = anchors.reshape(-1), where.reshape(-1)
-            for s in range(0, len(ai), m.pair_batch):
-                img, txt = pairs(a, c, ai[s:s + m.pair_batch], ci[s:s + m.pair_batch])
-                scores.append(m.forward_pairs(img, txt)[0])
-            pool_scores = torch.cat(scores).view(B, C)  # (B, C)
-        keep = hardest(pool_scores[:, 1:], k) + 1  # (B, k) columns of the kept negatives
+        if step < loss.random_steps:
+            # warm start: k random negatives of the pool (the pool is a uniform draw already)
+            keep = torch.arange(1, k + 1).expand(B, k)  # (B, k)
+        else:
+            # 1) score the pool without gradients, in eval mode (the original's self.eval())
+            with torch.no_grad():
+                a, c = embed(False)
+                scores = []
+                ai, ci = anchors.reshape(-1), where.reshape(-1)
+                for s in range(0, len(ai), m.pair_batch):
+                    img, txt = pairs(a, c, ai[s:s + m.pair_batch], ci[s:s + m.pair_batch])
+                    scores.append(m.forward_pairs(img, txt)[0])
+                pool_scores = torch.cat(scores).view(B, C)  # (B, C)
+            keep = hardest(pool_scores[:, 1:], k) + 1  # (B, k) columns of the kept negatives
         cols = torch.cat([torch.zeros(B, 1, dtype=torch.long), keep.cpu()], dim=1)  # (B, 1 + k) positive first
         # 2) the positive and its hardest negatives, with gradients, in train mode
         a, c = embed(True)
