@@ -177,7 +177,8 @@ class IaisLoss(nn.Module):
     batch size while the ranking term is) or ``mean``. ``random_steps``: for the first steps,
     the ``hard_negatives`` kept are drawn at random from the pool instead of the hardest (a
     warm start standing in for UNITER's ITM pre-training with random negatives: mining the
-    hardest negatives of a random model collapses it to a pair-independent score).
+    hardest negatives of a random model collapses it to a pair-independent score); the IAIS
+    term is left out during those steps (TSA still counts them).
     """
 
     #: not a loss over embedding batches: the ``itm_hard_negatives`` task calls :meth:`terms`

@@ -34,6 +34,14 @@ last layer's attention logits of the positive pairs for the relation alignment.
 Deviations, on purpose: the embedding dropout of an item is drawn once per item and shared by
 the pairs it enters during training (the original embeds each pair); grid tokens carry
 their cells as boxes (UNITER's regions carry detector boxes).
+
+Options for training without UNITER's pre-training (defaults keep UNITER's behaviour):
+``pooling: mean`` scores the mean of all real tokens instead of [CLS] (a mean-pooling
+checkpoint such as all-MiniLM-L6-v2 has a [CLS] that hardly depends on the pair);
+``new_lr_scale`` multiplies the learning rate of the randomly initialised parts (image
+embeddings, rank head, a random pooler; :meth:`CrossEncoder.param_groups`); ``pooler_init``
+(default true) copies the checkpoint's BERT pooler, as UNITER starts from BERT's;
+``init_std`` (default UNITER's 0.02) for random parts (a 32-d test model needs ~dim^-1/2).
 """
 from __future__ import annotations
 

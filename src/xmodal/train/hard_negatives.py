@@ -168,7 +168,11 @@ class HardNegativeTask(nn.Module):
         a, c = embed(True)
         sel = where.gather(1, cols)  # (B, 1 + k)
         img, txt = pairs(a, c, torch.arange(B)[:, None].expand(B, k + 1).reshape(-1), sel.reshape(-1))
-        rows = torch.arange(B, device=img.tokens.device) * (k + 1) if loss.needs_maps else None
+        # no relation alignment during the random-negative warm start: on a model that does not
+        # match yet, the alignment term alone flattens the last layer's attention and the score
+        # stops depending on the pair (IAIS aligns a matching model: UNITER's, fine-tuned)
+        align = loss.needs_maps and step >= loss.random_steps
+        rows = torch.arange(B, device=img.tokens.device) * (k + 1) if align else None
         logits, attn = m.forward_pairs(img, txt, relation_rows=rows)
         logits = logits.view(B, k + 1)  # (B, 1 + k)
         maps = None
