@@ -61,3 +61,40 @@ def write_png_claiming(path: Path, width: int, height: int) -> Path:
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     path.write_bytes(bytes(data))
     return path
+
+
+COLOURS = {"red": (220, 20, 20), "green": (20, 180, 20), "blue": (20, 20, 220), "yellow": (230, 220, 20)}
+
+
+def train_pixel_run(root: Path) -> tuple[Path, Path]:
+    """8 coloured PNGs under ``root/imgs`` (half in ``sub/``), a table of them, and a frozen
+    EfficientNet-lite0 (64 px) + BiGRU run trained 3 steps on it. Returns (image folder, run)."""
+    from xmodal.cli import main
+
+    imgs = root / "imgs"
+    (imgs / "sub").mkdir(parents=True)
+    rows = ["image,caption"]
+    for name, rgb in COLOURS.items():
+        for j in range(2):
+            p = imgs / ("sub" if j else "") / f"{name}{j}.png"
+            img = Image.new("RGB", (40 + 8 * j, 48), rgb)
+            img.paste((255, 255, 255) if j else (0, 0, 0), (4 + 10 * j, 4, 20 + 10 * j, 30))  # distinct pixels
+            img.save(p)
+            rows.append(f"{p},a {name} picture")
+    (root / "data.csv").write_text("\n".join(rows) + "\n")
+    cfg = root / "pix.yaml"
+    cfg.write_text(f"""
+name: pix
+data: {{format: table, path: {root / 'data.csv'}, train_split: all, val_split: all, test_split: all}}
+model:
+  type: dual_encoder
+  embed_dim: 16
+  image: {{name: efficientnet_lite0, args: {{image_size: 64}}, frozen: true}}
+  text: {{name: bigru, args: {{word_dim: 8, out_dim: 16}}, frozen: false}}
+loss: {{name: infonce}}
+optim: {{name: adam, lr: 0.01}}
+train: {{steps: 3, batch_size: 4, eval_every: 3, log_every: 3, tensorboard: false}}
+""")
+    run = root / "run"
+    assert main(["train", str(cfg), "--out", str(run), "--no-progress"]) == 0
+    return imgs, run

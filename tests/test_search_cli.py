@@ -275,37 +275,11 @@ def test_malformed_inputs(run_dir, image_index, tmp_path, capsys):
 
 def test_folder_index_with_pixel_model(tmp_path, capsys):
     """A frozen EfficientNet-lite0 (64 px) + BiGRU run, 3 steps; index a folder, search it."""
-    from PIL import Image
+    from image_fixtures import train_pixel_run
 
-    colors = {"red": (220, 20, 20), "green": (20, 180, 20), "blue": (20, 20, 220), "yellow": (230, 220, 20)}
-    imgs = tmp_path / "imgs"
-    (imgs / "sub").mkdir(parents=True)
-    rows = ["image,caption"]
-    for k, (name, rgb) in enumerate(colors.items()):
-        for j in range(2):
-            p = imgs / ("sub" if j else "") / f"{name}{j}.png"
-            img = Image.new("RGB", (40 + 8 * j, 48), rgb)
-            img.paste((255, 255, 255) if j else (0, 0, 0), (4 + 10 * j, 4, 20 + 10 * j, 30))  # distinct pixels
-            img.save(p)
-            rows.append(f"{p},a {name} picture")
+    imgs, run = train_pixel_run(tmp_path)
     (imgs / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (imgs / "notes.txt").write_text("not an image")
-    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
-    cfg = tmp_path / "pix.yaml"
-    cfg.write_text(f"""
-name: pix
-data: {{format: table, path: {tmp_path / 'data.csv'}, train_split: all, val_split: all, test_split: all}}
-model:
-  type: dual_encoder
-  embed_dim: 16
-  image: {{name: efficientnet_lite0, args: {{image_size: 64}}, frozen: true}}
-  text: {{name: bigru, args: {{word_dim: 8, out_dim: 16}}, frozen: false}}
-loss: {{name: infonce}}
-optim: {{name: adam, lr: 0.01}}
-train: {{steps: 3, batch_size: 4, eval_every: 3, log_every: 3, tensorboard: false}}
-""")
-    run = tmp_path / "run"
-    assert main(["train", str(cfg), "--out", str(run), "--no-progress"]) == 0
     idx = tmp_path / "folder.idx"
     rc, out, err = _cli(capsys, "index", run, "--data", imgs, "--out", idx, "--json")
     assert rc == 0, err

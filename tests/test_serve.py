@@ -16,37 +16,12 @@ from PIL import Image  # noqa: E402
 from xmodal.cli import main  # noqa: E402
 from xmodal.serve import MAX_UPLOAD_BYTES, create_app, is_loopback, load_service  # noqa: E402
 
-COLORS = {"red": (220, 20, 20), "green": (20, 180, 20), "blue": (20, 20, 220), "yellow": (230, 220, 20)}
+from image_fixtures import train_pixel_run  # noqa: E402
 
 
 def build_pixel_fixture(root: Path) -> dict[str, Path]:
     """A frozen EfficientNet-lite0 (64 px) + BiGRU run on 8 coloured PNGs; an image and a caption index."""
-    imgs = root / "imgs"
-    (imgs / "sub").mkdir(parents=True)
-    rows = ["image,caption"]
-    for name, rgb in COLORS.items():
-        for j in range(2):
-            p = imgs / ("sub" if j else "") / f"{name}{j}.png"
-            img = Image.new("RGB", (40 + 8 * j, 48), rgb)
-            img.paste((255, 255, 255) if j else (0, 0, 0), (4 + 10 * j, 4, 20 + 10 * j, 30))
-            img.save(p)
-            rows.append(f"{p},a {name} picture")
-    (root / "data.csv").write_text("\n".join(rows) + "\n")
-    cfg = root / "pix.yaml"
-    cfg.write_text(f"""
-name: pix
-data: {{format: table, path: {root / 'data.csv'}, train_split: all, val_split: all, test_split: all}}
-model:
-  type: dual_encoder
-  embed_dim: 16
-  image: {{name: efficientnet_lite0, args: {{image_size: 64}}, frozen: true}}
-  text: {{name: bigru, args: {{word_dim: 8, out_dim: 16}}, frozen: false}}
-loss: {{name: infonce}}
-optim: {{name: adam, lr: 0.01}}
-train: {{steps: 3, batch_size: 4, eval_every: 3, log_every: 3, tensorboard: false}}
-""")
-    run = root / "run"
-    assert main(["train", str(cfg), "--out", str(run), "--no-progress"]) == 0
+    imgs, run = train_pixel_run(root)
     assert main(["index", str(run), "--data", str(imgs), "--out", str(root / "images.idx"), "--no-progress"]) == 0
     assert main(["index", str(run), "--data", f"table:{root / 'data.csv'}:all", "--out", str(root / "caps.idx"),
                  "--modality", "text", "--no-progress"]) == 0

@@ -316,6 +316,20 @@ def folder_images(paths: list[Path], folder: Path, tower: Any, id_prefix: str,
     return pixels, ids, meta
 
 
+def check_build_args(data: "str | DataSpec", modality: str, batch_size: Any, backend: str | None) -> "DataSpec":
+    """Validate what an index build is asked for; returns the parsed data spec."""
+    if modality not in ("image", "text"):
+        raise ConfigError(f"modality={modality!r}: choose image or text")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}: must be a positive integer")
+    if backend is not None and backend not in list_backends():
+        raise ConfigError(f"--backend {backend!r}: choose one of {', '.join(list_backends())}")
+    spec = parse_data_spec(data) if isinstance(data, str) else data
+    if spec.kind == "folder" and modality == "text":
+        raise ConfigError(f"--data {spec.path}: a folder of images has no captions; use --modality image")
+    return spec
+
+
 @torch.inference_mode()
 def build_index(run: str | os.PathLike, data: str | DataSpec, out: str | os.PathLike, *,
                 modality: str = "image", backend: str | None = None, add: bool = False,
@@ -332,15 +346,7 @@ def build_index(run: str | os.PathLike, data: str | DataSpec, out: str | os.Path
     from .models import load
 
     t0 = time.perf_counter()
-    if modality not in ("image", "text"):
-        raise ConfigError(f"modality={modality!r}: choose image or text")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r}: must be a positive integer")
-    if backend is not None and backend not in list_backends():
-        raise ConfigError(f"--backend {backend!r}: choose one of {', '.join(list_backends())}")
-    spec = parse_data_spec(data) if isinstance(data, str) else data
-    if spec.kind == "folder" and modality == "text":
-        raise ConfigError(f"--data {spec.path}: a folder of images has no captions; use --modality image")
+    spec = check_build_args(data, modality, batch_size, backend)
     out = Path(out)
     ref = model_ref(run, checkpoint)
 

@@ -124,18 +124,9 @@ def build_index_sharded(run: Any, data: Any, out: Any, *, env: Any, modality: st
     from .. import search as S
     from ..models import load
     from ..train.distributed import all_reduce_sum, barrier
-    from . import list_backends
 
     t0 = time.perf_counter()
-    if modality not in ("image", "text"):
-        raise ConfigError(f"modality={modality!r}: choose image or text")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r}: must be a positive integer")
-    if backend is not None and backend not in list_backends():
-        raise ConfigError(f"--backend {backend!r}: choose one of {', '.join(list_backends())}")
-    spec = S.parse_data_spec(data) if isinstance(data, str) else data
-    if spec.kind == "folder" and modality == "text":
-        raise ConfigError(f"--data {spec.path}: a folder of images has no captions; use --modality image")
+    spec = S.check_build_args(data, modality, batch_size, backend)
     out = Path(out)
     ref = S.model_ref(run, checkpoint)
     if add:
