@@ -185,6 +185,36 @@ def test_serve_service_reranks_like_search(runs):
     assert [r["score"] for r in served] == pytest.approx([r["score"] for r in direct])
 
 
+def test_reranker_fusion_adds_the_index_score(runs):
+    """``fusion = w``: the shortlist is ordered by pair score + w x index score, in search and serve."""
+    from xmodal.errors import XmodalError
+    from xmodal.index import Index
+    from xmodal.models import load
+    from xmodal.search import Reranker, encode_text_queries, load_index_model, search_text
+    from xmodal.serve.app import load_service
+
+    index = runs["tmp"] / "test.idx"
+    if not (index / "manifest.json").exists():
+        assert main(["index", str(runs["dual"]), "--data", "split:test", "--out", str(index)]) == 0
+    ix = Index.open(index)
+    query = "agua mineral bebidas botella 50cl"
+    first, rows = ix.search(encode_text_queries(load_index_model(ix), [query]), 21)
+    adapt = load(runs["adapt"])
+    s0, r0 = Reranker(adapt, k=21, fusion=0.0).rerank(ix, query, "text", rows[0], 21)
+    s1, r1 = Reranker(adapt, k=21, fusion=2.0).rerank(ix, query, "text", rows[0], 21, first_scores=first[0])
+    pair = dict(zip(r0.tolist(), s0.tolist()))
+    index_score = dict(zip(rows[0].tolist(), first[0].tolist()))
+    want = sorted(((pair[r] + 2.0 * index_score[r], r) for r in pair), key=lambda x: -x[0])
+    assert s1 == pytest.approx([w for w, _ in want], abs=1e-5)
+    assert sorted(r1.tolist()) == sorted(pair)
+    with pytest.raises(XmodalError, match="index's scores"):
+        Reranker(adapt, k=21, fusion=2.0).rerank(ix, query, "text", rows[0], 21)
+    served = load_service(index, rerank=runs["adapt"], rerank_k=21, rerank_fusion=2.0).search_text(query, 4)
+    direct = search_text(ix, load_index_model(ix), query, 4, reranker=Reranker(adapt, k=21, fusion=2.0))
+    assert [r["id"] for r in served] == [r["id"] for r in direct]
+    assert [r["score"] for r in direct] == pytest.approx([w for w, _ in want[:4]], abs=1e-5)
+
+
 def test_ensemble_config_is_evaluated_not_trained(runs, tmp_path, capsys):
     """ADAPT-Ens from the CLI: a config naming finished runs is evaluated directly."""
     import yaml

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from xmodal.errors import ConfigError
 from xmodal.losses.relation import (IaisLoss, distributed_alignment, ranking_hinge, relation_maps,
                                     singular_alignment, symmetric_kl, tsa_threshold)
 from xmodal.train.hard_negatives import hardest, sample_negatives
@@ -440,3 +441,81 @@ def test_random_warm_start_skips_mining_and_alignment(tmp_path):
         assert ("iais_loss" in terms) is not warm
         assert any(not grad for grad, _ in calls) is not warm  # the pool is scored only after
         assert calls[-1] == (True, not warm)
+
+
+def test_first_stage_pool_is_its_nearest_non_positives(tmp_path):
+    """``pool: first_stage``: after the warm start, each anchor's pool is its nearest
+    non-positives by the first stage, checked against brute force over the whole split."""
+    from xmodal.config import load_config
+    from xmodal.eval.encode import embed_split
+    from xmodal.losses import create_loss
+    from xmodal.models import create_model, load
+    from xmodal.train.data import Batch
+    from xmodal.train.hard_negatives import HardNegativeTask
+    from xmodal.train.loop import train
+    from xmodal.train.pipeline import prepare_split
+
+    data = write_synthetic_precomp(tmp_path / "data")
+    train(load_config(write_tiny_config(tmp_path / "dual.yaml", data, steps=5, extra="")), tmp_path / "dual",
+          progress=False)
+    torch.manual_seed(0)
+    cfg, _ = _tiny_cfg(tmp_path, random_steps=2)
+    cfg.model.args["first_stage"] = str(tmp_path / "dual")
+    cfg.loss.args["pool"] = "first_stage"
+    model = create_model(cfg.model)
+    task = HardNegativeTask(model, create_loss(cfg.loss.name, **cfg.loss.args))
+    split = prepare_split(cfg, model, "train", "en", training=True, progress=False)
+    task.attach_split(cfg, split)
+
+    dual = load(tmp_path / "dual")
+    img, txt = embed_split(dual, prepare_split(dual.xmodal_config, dual, "train", "en", progress=False))
+    sim = (img @ txt.T).numpy()  # (N, M)
+    pos = split.dataset.gt.dense().T  # (N, M) image i is a positive of text t
+    size = cfg.loss.args["negatives"]
+    # (compared by similarity: the synthetic data repeats captions, so equal scores may swap)
+    for t in range(sim.shape[1]):
+        got = task._neighbours["images"][t]
+        want = np.sort([sim[i, t] for i in np.argsort(-sim[:, t], kind="stable") if not pos[i, t]][:size])
+        assert not pos[got, t].any() and len(set(got.tolist())) == size
+        np.testing.assert_allclose(np.sort(sim[got, t]), want, rtol=0, atol=1e-5)
+    for i in range(sim.shape[0]):
+        got = task._neighbours["texts"][i]
+        want = np.sort([sim[i, t] for t in np.argsort(-sim[i], kind="stable") if not pos[i, t]][:size])
+        assert not pos[i, got].any() and len(set(got.tolist())) == size
+        np.testing.assert_allclose(np.sort(sim[i, got]), want, rtol=0, atol=1e-5)
+
+    ti = np.arange(0, 16, 2)
+    batch = Batch(ti, ti // 2, torch.eye(8, dtype=torch.bool), None, None)
+    rng = np.random.default_rng(0)
+    after = task._pools(batch, "images", rng, step=2)
+    np.testing.assert_array_equal(after[:, 0], ti // 2)  # the positive first
+    np.testing.assert_array_equal(after[:, 1:], task._neighbours["images"][ti])
+    warm = task._pools(batch, "texts", rng, step=1)  # the warm start draws uniformly
+    assert not np.array_equal(warm[:, 1:], task._neighbours["texts"][ti // 2])
+    # without a first stage the option says what is missing
+    cfg.model.args["first_stage"] = None
+    bare = HardNegativeTask(create_model(cfg.model), create_loss(cfg.loss.name, **cfg.loss.args))
+    with pytest.raises(ConfigError, match="first_stage"):
+        bare.attach_split(cfg, split)
+
+
+def test_init_from_starts_from_a_finished_run(tmp_path):
+    """``model.args.init_from``: fine-tuning starts from another run's weights (as IAIS from UNITER)."""
+    from xmodal.models import create_model, load
+    from xmodal.train.loop import train
+
+    torch.manual_seed(0)
+    cfg, _ = _tiny_cfg(tmp_path, steps=3, random_steps=3)
+    train(cfg, tmp_path / "warm", progress=False)
+    warm = load(tmp_path / "warm")
+    torch.manual_seed(1)
+    cfg.model.args["init_from"] = str(tmp_path / "warm")
+    fresh = create_model(cfg.model)
+    before = fresh.rank_output.weight.detach().clone()
+    fresh.prepare_training(cfg, tmp_path / "ft")
+    assert not torch.equal(before, warm.rank_output.weight)
+    for key, value in warm.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    cfg.model.args["init_from"] = str(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="init_from"):
+        create_model(cfg.model).prepare_training(cfg, tmp_path / "ft2")

@@ -191,9 +191,10 @@ def test_two_stage_with_k_all_is_exact():
     assert two["pairs_scored"] == n * m
 
 
-@pytest.mark.parametrize("with_pairs", [True, False])
-def test_two_stage_matches_a_naive_rerank(with_pairs):
-    """Small k against a literal implementation: sort shortlist by re-score, append the rest."""
+@pytest.mark.parametrize("with_pairs,fusion", [(True, 0.0), (False, 0.0), (True, 0.7)])
+def test_two_stage_matches_a_naive_rerank(with_pairs, fusion):
+    """Small k against a literal implementation: sort shortlist by re-score (+ fusion x
+    first-stage score), append the rest."""
     rng = np.random.default_rng(5)
     n, m, k = 12, 30, 4
     gt = random_gt(n, m, rng)
@@ -201,12 +202,12 @@ def test_two_stage_matches_a_naive_rerank(with_pairs):
     img, txt = torch.from_numpy(rng.standard_normal((n, 5))), torch.from_numpy(rng.standard_normal((m, 5)))
     split = make_split(img, txt, gt)
     res = evaluate_pair_scorer(DotScorer(with_pairs), split, rerank_k=k, first_stage=(first_img, first_txt),
-                               block_size=5, return_ranks=True)
+                               block_size=5, return_ranks=True, rerank_fusion=fusion)
     f, r, pos = first_img @ first_txt.T, (img @ txt.T).numpy(), gt.dense().T
 
     def rerank(first_row, re_row, pos_row):
         order = np.argsort(-first_row, kind="stable")
-        short = sorted(order[:k], key=lambda c: -re_row[c])
+        short = sorted(order[:k], key=lambda c: -(re_row[c] + fusion * first_row[c]))
         final = list(short) + list(order[k:])
         hits = [j for j, c in enumerate(final) if pos_row[c]]
         return -1 if not hits else sum(1 for c in final[:hits[0]] if not pos_row[c])
@@ -228,6 +229,10 @@ def test_two_stage_uses_the_models_first_stage():
     assert set(res["metrics"]) >= {"rsum", "i2t_r1", "t2i_r1"}
     with pytest.raises(ConfigError):
         evaluate_pair_scorer(DotScorer(), split, rerank_k=-1)
+    for bad in (-1.0, float("nan"), "1"):
+        with pytest.raises(ConfigError, match="rerank_fusion"):
+            evaluate_pair_scorer(DotScorer(), split, rerank_k=3, first_stage=(np.eye(n), np.ones((m, n))),
+                                 rerank_fusion=bad)
 
 
 # ---------------------------------------------------------------------------------------

@@ -336,3 +336,36 @@ def test_synthesis_trains_resumes_exactly_and_draws(recipe_run, tmp_path, capsys
     assert 0 <= res["synthesized"]["r1"] <= 100 and res["real"]["r1"] > 0
     assert (tmp_path / "grid.png").stat().st_size < 300_000
 
+
+
+# triplet warm-up ---------------------------------------------------------------------------------
+def test_triplet_warmup_uses_the_mean_over_violating_negatives_then_the_hardest():
+    from xmodal.errors import ConfigError
+    from xmodal.losses.triplet import TripletLoss, cosine_distance
+
+    torch.manual_seed(0)
+    img, txt = torch.randn(5, 8), torch.randn(5, 8)
+    pos = torch.eye(5, dtype=torch.bool)
+    plain = TripletLoss(margin=0.3, intra_modal=True)
+    warm = TripletLoss(margin=0.3, intra_modal=True, hardest_after=10)
+    # default and steps past the warm-up: X-MRS's batch-hard loss, unchanged
+    for step in (None, 0, 10, 99):
+        ref = plain(img, txt, pos_mask=pos, step=step)
+        got = warm(img, txt, pos_mask=pos, step=step if step is None or step >= 10 else 10)
+        assert all(torch.equal(ref[k], got[k]) for k in ref)
+    # during the warm-up: per anchor, the mean hinge over the negatives that violate the margin
+    d = cosine_distance(img, txt)
+
+    def naive(dm: torch.Tensor) -> float:
+        total = 0.0
+        for a in range(5):
+            hinges = [max(0.0, float(dm[a, a] - dm[a, n]) + 0.3) for n in range(5) if n != a]
+            viol = [h for h in hinges if h > 0]
+            total += sum(viol) / max(len(viol), 1)
+        return total / 5
+
+    out = warm(img, txt, pos_mask=pos, step=3)
+    assert abs(float(out["triplet_loss"]) - (naive(d) + naive(d.t()))) < 1e-5
+    assert float(out["triplet_loss"]) < float(plain(img, txt, pos_mask=pos)["triplet_loss"])
+    with pytest.raises(ConfigError, match="hardest_after"):
+        TripletLoss(hardest_after=-1)

@@ -122,6 +122,8 @@ class EvalConfig:
     block_size: int = 1024
     #: two-stage evaluation of pair scorers: shortlist size (0 = exact)
     rerank_k: int = 0
+    #: two-stage order = pair score + rerank_fusion x first-stage score (0 = pair score alone)
+    rerank_fusion: float = 0.0
 
 
 @dataclass

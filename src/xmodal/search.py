@@ -438,10 +438,13 @@ class Reranker:
 
     Candidates are re-encoded from the index's metadata (an image index needs ``path``, a text
     index ``caption``); their representations are kept in an LRU cache of ``cache_items``
-    rows, so a server pays the encoding once per popular candidate.
+    rows, so a server pays the encoding once per popular candidate. ``fusion = w`` orders by
+    ``pair score + w x index score`` (default: the re-ranker run's ``eval.rerank_fusion``).
     """
 
-    def __init__(self, model: Any, k: int = 100, cache_items: int = 4096) -> None:
+    def __init__(self, model: Any, k: int = 100, cache_items: int = 4096, fusion: float | None = None) -> None:
+        from .eval.pairs import check_fusion
+
         if not isinstance(model, PairScorer):
             raise ConfigError(f"re-ranker: {type(model).__name__} is not a pair scorer "
                               "(an embedding model's order is the index's own)")
@@ -449,6 +452,10 @@ class Reranker:
             raise XmodalError(f"--rerank-k {k!r}: must be an integer between 1 and {MAX_K}")
         self.model = model.eval()
         self.k = int(k)
+        if fusion is None:  # the run's own setting (eval.rerank_fusion), as xmodal eval uses it
+            cfg = getattr(model, "xmodal_config", None)
+            fusion = cfg.eval.rerank_fusion if cfg is not None else 0.0
+        self.fusion = check_fusion(fusion, "--rerank-fusion")
         self.cache_items = int(cache_items)
         self._cache: "OrderedDict[tuple[str, int], Any]" = OrderedDict()
 
@@ -489,13 +496,18 @@ class Reranker:
         return concat_reps(parts)
 
     @torch.inference_mode()
-    def rerank(self, index: Index, query: Any, modality: str, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def rerank(self, index: Index, query: Any, modality: str, rows: np.ndarray, k: int,
+               first_scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Re-score the shortlist ``rows`` (one query's, ``-1`` = padding) and keep the top ``k``.
 
-        ``query`` is a text (``modality="text"``), an image path or a PIL image. Returns
+        ``query`` is a text (``modality="text"``), an image path or a PIL image;
+        ``first_scores``: the index's scores of ``rows`` (needed when ``fusion > 0``). Returns
         ``(scores, rows)``.
         """
-        rows = rows[rows >= 0]
+        if self.fusion and first_scores is None:
+            raise XmodalError("re-ranking with fusion needs the index's scores of the shortlist")
+        keep = rows >= 0
+        rows = rows[keep]
         if index.modality == modality:
             raise XmodalError(f"re-ranking scores image-text pairs: a {modality} query against a "
                               f"{index.modality} index has none")
@@ -508,6 +520,8 @@ class Reranker:
             q = self.model.encode_image_reps(_pixel_tower(self.model, "an image query").preprocess(img)[None])
             scores = self.model.score(q, cand)[0]  # (K,) one image x texts
         scores = scores.float().cpu().numpy()
+        if self.fusion:
+            scores = scores + self.fusion * np.asarray(first_scores, dtype=np.float32)[keep]
         order = np.argsort(-scores, kind="stable")[:k]
         return scores[order], rows[order]
 
@@ -539,7 +553,7 @@ def search_text(index: Index, model: EmbeddingScorer, text: str, k: int = 10,
     """Top-``k`` rows of ``index`` for one text query: ``[{"rank", "score", "id", **metadata}]``.
 
     With a ``reranker``, its pair scorer re-orders the index's top ``reranker.k`` and the
-    scores are the pair scorer's.
+    scores are the pair scorer's (plus ``reranker.fusion`` x the index's).
     """
     if not isinstance(text, str) or not text.strip():
         raise XmodalError("empty query: give some text (or --image PATH)")
@@ -547,7 +561,7 @@ def search_text(index: Index, model: EmbeddingScorer, text: str, k: int = 10,
     n = reranker.shortlist_size(k, index) if reranker is not None else k
     scores, rows = index.search(encode_text_queries(model, [text.strip()]), n)
     if reranker is not None:
-        s, r = reranker.rerank(index, text.strip(), "text", rows[0], k)
+        s, r = reranker.rerank(index, text.strip(), "text", rows[0], k, first_scores=scores[0])
         return _results(index, s, r)
     return _results(index, scores[0], rows[0])
 
@@ -559,7 +573,7 @@ def search_image(index: Index, model: EmbeddingScorer, image: str | os.PathLike,
     n = reranker.shortlist_size(k, index) if reranker is not None else k
     scores, rows = index.search(encode_image_queries(model, [image]), n)
     if reranker is not None:
-        s, r = reranker.rerank(index, image, "image", rows[0], k)
+        s, r = reranker.rerank(index, image, "image", rows[0], k, first_scores=scores[0])
         return _results(index, s, r)
     return _results(index, scores[0], rows[0])
 

@@ -18,6 +18,9 @@ def _args(p) -> None:
     p.add_argument("--first-stage", default=None, metavar="RUN",
                    help="an embedding model's run folder whose top --rerank-k the pair scorer re-ranks "
                         "(default: the pair scorer's own cheap first stage)")
+    p.add_argument("--rerank-fusion", type=float, default=None, metavar="W",
+                   help="order a re-ranked shortlist by pair score + W x first-stage score "
+                        "(default: the config's eval.rerank_fusion, 0 = pair score alone)")
     p.add_argument("--report", default=None, help="write report.html / PNGs / metrics.json into this folder")
     p.add_argument("--json", action="store_true", help="print one JSON object with the metric keys")
 
@@ -48,7 +51,8 @@ def run(args) -> int:
         first = first_stage_for(first_model, first_data, data, progress=progress)
     res = evaluate_split(model, data, protocol=args.protocol or cfg.eval.protocol,
                          block_size=cfg.eval.block_size, progress=progress, return_ranks=bool(args.report),
-                         rerank_k=rerank_k, first_stage=first)
+                         rerank_k=rerank_k, first_stage=first,
+                         rerank_fusion=cfg.eval.rerank_fusion if args.rerank_fusion is None else args.rerank_fusion)
     metrics = res["metrics"]
     if args.report:
         from ..demo import write_run_report

@@ -17,6 +17,8 @@ def _args(p) -> None:
                    help="a pair scorer's run folder (ADAPT, ALADIN alignment, a cross-encoder) that re-orders "
                         "the index's shortlist")
     p.add_argument("--rerank-k", type=int, default=100, help="shortlist size re-ranked by --rerank (default 100)")
+    p.add_argument("--rerank-fusion", type=float, default=None, metavar="W",
+                   help="order by pair score + W x index score (default: the --rerank run's eval.rerank_fusion)")
     p.add_argument("--json", action="store_true", help='print {"query": ..., "results": [...]} as JSON')
 
 
@@ -52,7 +54,7 @@ def run(args) -> int:
     if args.rerank is not None:
         from ..models import load
 
-        reranker = Reranker(load(args.rerank), k=args.rerank_k)
+        reranker = Reranker(load(args.rerank), k=args.rerank_k, fusion=args.rerank_fusion)
     if args.image is not None:
         results = search_image(index, model, args.image, args.k, reranker=reranker)
         query = {"image": args.image}

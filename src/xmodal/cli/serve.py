@@ -20,6 +20,8 @@ def _args(p) -> None:
                    help="a pair scorer's run folder (ADAPT, ALADIN alignment, a cross-encoder) that re-orders "
                         "each search's shortlist")
     p.add_argument("--rerank-k", type=int, default=100, help="shortlist size re-ranked by --rerank (default 100)")
+    p.add_argument("--rerank-fusion", type=float, default=None, metavar="W",
+                   help="order by pair score + W x index score (default: the --rerank run's eval.rerank_fusion)")
     p.add_argument("--image-root", default=None,
                    help="folder thumbnails may be read from (default: the folder all indexed images share)")
 
@@ -39,7 +41,8 @@ def run(args) -> int:
     sock = _bind(args.host, args.port)  # a busy port fails before the model loads
     try:
         service = load_service(args.index, args.text_index, run=args.run, image_root=args.image_root,
-                               rerank=args.rerank, rerank_k=args.rerank_k)
+                               rerank=args.rerank, rerank_k=args.rerank_k,
+                               rerank_fusion=args.rerank_fusion)
         app = create_app(service)
     except BaseException:
         sock.close()

@@ -21,6 +21,9 @@ def _args(p) -> None:
     p.add_argument("--split", default=None, help="with --evaluate: split (default: the run's test split)")
     p.add_argument("--lang", default=None, help="with --evaluate: caption language (default: the run's eval_lang)")
     p.add_argument("--grid", default=None, help="with --evaluate: write a PNG grid of 12 test captions")
+    p.add_argument("--judge", default=None,
+                   help="with --evaluate: also score with this other trained run's towers (images and captions), "
+                        "an independent judge of a generator trained against the run's own tower")
     p.add_argument("--json", action="store_true", help="with --evaluate: print one JSON object")
 
 
@@ -33,7 +36,7 @@ def run(args) -> int:
         from ..synthesis.evaluate import evaluate_synthesis
 
         res = evaluate_synthesis(args.syn, split=args.split, lang=args.lang, seed=args.seed, grid=args.grid,
-                                 progress=sys.stderr.isatty() and not args.json)
+                                 judge=args.judge, progress=sys.stderr.isatty() and not args.json)
         if args.json:
             print(json.dumps(res))
         else:
@@ -43,6 +46,8 @@ def run(args) -> int:
 
             _print_eval(Console(), res)
         return 0
+    if args.judge:
+        raise XmodalError("--judge goes with --evaluate")
     if (args.text is None) == (args.image is None):
         raise XmodalError("give a caption or --image IMG (one of them)")
     if not args.out:

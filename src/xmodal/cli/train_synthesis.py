@@ -18,11 +18,19 @@ def _args(p) -> None:
     p.add_argument("--kl-weight", type=float, default=None, help="conditioning-augmentation KL weight (default 0.02)")
     p.add_argument("--text-condition", type=float, default=None,
                    help="fraction of samples conditioned on a caption instead of the image (default 0.5)")
+    p.add_argument("--retrieval-weight", type=float, default=None,
+                   help="weight of the retrieval-consistency term: the run's frozen image tower embeds each "
+                        "synthesized image, InfoNCE pulls it to its condition (default 1; 0 = GAN + L1 only)")
+    p.add_argument("--retrieval-temperature", type=float, default=None, help="its InfoNCE temperature (default 0.1)")
+    p.add_argument("--retrieval-batch", type=int, default=None,
+                   help="synthesized images per step through the image tower (default 8; 0 = the whole batch)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the synthesized-image retrieval check on the test split")
     p.add_argument("--grid", default=None, help="also write a PNG grid of synthesized vs real test images")
+    p.add_argument("--judge", default=None,
+                   help="also score the check with this other trained run's towers (an independent judge)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -36,6 +44,9 @@ def run(args) -> int:
     overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                                    "l1_weight": args.l1_weight, "kl_weight": args.kl_weight,
                                    "text_condition": args.text_condition,
+                                   "retrieval_weight": args.retrieval_weight,
+                                   "retrieval_temperature": args.retrieval_temperature,
+                                   "retrieval_batch": args.retrieval_batch,
                                    "seed": args.seed}.items() if v is not None}
     cfg = SynthesisConfig.from_dict(overrides)
     console = Console(stderr=True)
@@ -46,7 +57,7 @@ def run(args) -> int:
         from ..synthesis.evaluate import evaluate_synthesis
         from ..utils import atomic_write_json
 
-        res = evaluate_synthesis(args.out, grid=args.grid, progress=progress)
+        res = evaluate_synthesis(args.out, grid=args.grid, judge=args.judge, progress=progress)
         atomic_write_json(Path(args.out) / "eval.json", res)
         _print_eval(console, res)
     console.print(f'next:    xmodal synthesize {args.out} "a red apple" --out apple.png')
@@ -59,5 +70,11 @@ def _print_eval(console, res: dict) -> None:
         m = res[name]
         console.print(f"  {name:>11} queries: R@1 {m['r1']:.1f}  R@5 {m['r5']:.1f}  R@10 {m['r10']:.1f}  "
                       f"medR {m['medr']:.0f}")
+    if res.get("judge"):
+        console.print(f"judged by {res['judge']['run']} (its towers embed images and captions):")
+        for name in ("synthesized", "real"):
+            m = res["judge"][name]
+            console.print(f"  {name:>11} queries: R@1 {m['r1']:.1f}  R@5 {m['r5']:.1f}  R@10 {m['r10']:.1f}  "
+                          f"medR {m['medr']:.0f}")
     if res.get("grid"):
         console.print(f"grid:    {res['grid']}")

@@ -39,12 +39,13 @@ def embed_split(model: EmbeddingScorer, split, batch_size: int = 256, progress: 
 def evaluate_split(model: Any, split, *, protocol: str = "full", block_size: int = 1024,
                    batch_size: int = 256, progress: bool = False, device: str | torch.device = "cpu",
                    return_ranks: bool = False, rerank_k: int = 0,
-                   first_stage: tuple[Any, Any] | None = None) -> dict:
+                   first_stage: tuple[Any, Any] | None = None, rerank_fusion: float = 0.0) -> dict:
     """Metrics (the engine's keys) of ``model`` on a prepared split, plus timing.
 
     For a pair scorer, ``rerank_k > 0`` evaluates two-stage: ``first_stage`` =
     ``(image_emb, text_emb)`` over the split's items (e.g. :func:`embed_split` of an embedding
-    model) shortlists, else the model's own ``first_stage_embeddings``.
+    model) shortlists, else the model's own ``first_stage_embeddings``; ``rerank_fusion = w``
+    orders the shortlist by ``pair score + w * first-stage score``.
     """
     from .metrics import evaluate_embeddings
 
@@ -60,7 +61,7 @@ def evaluate_split(model: Any, split, *, protocol: str = "full", block_size: int
             result = evaluate_pair_scorer(model, split, protocol=protocol, block_size=block_size,
                                           batch_size=batch_size, progress=progress, device=device,
                                           return_ranks=return_ranks, rerank_k=rerank_k,
-                                          first_stage=first_stage)
+                                          first_stage=first_stage, rerank_fusion=rerank_fusion)
         else:
             if first_stage is not None:
                 raise ConfigError(f"a first stage re-ranks pair scorers; {type(model).__name__} is an "

@@ -261,17 +261,20 @@ def _final_ranks(sl: dict[str, torch.Tensor], rescored: torch.Tensor) -> np.ndar
 
 def two_stage_ranks(first_img_emb: Any, first_txt_emb: Any, rescore_fn: RescoreFn, gt: GroundTruth, k: int, *,
                     block_size: int = 1024, chunk: int = RESCORE_CHUNK,
-                    progress: bool | None = None) -> dict[str, Any]:
+                    progress: bool | None = None, fusion: float = 0.0) -> dict[str, Any]:
     """Ranks of a re-ranked first stage, both directions.
 
     ``first_img_emb`` (N, D) / ``first_txt_emb`` (M, D): first-stage embeddings (scored by
     dot product; normalise them for cosine). ``rescore_fn(image_idx, text_idx)`` returns
     the pair scorer's scores of the listed pairs. Each image shortlists its top ``k`` texts
     and each text its top ``k`` images; the union of the shortlisted pairs is re-scored once.
+    ``fusion = w`` orders the shortlist by ``pair score + w * first-stage score`` (BLIP adds
+    its ITC similarity to its ITM score this way); ``0`` orders by the pair score alone.
     Returns ``{"i2t_ranks", "t2i_ranks", "pairs_scored"}``.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"rerank_k: expected a positive integer, got {k!r}")
+    fusion = check_fusion(fusion)
     img = _as_float_tensor(first_img_emb, "first-stage image embeddings")
     txt = _as_float_tensor(first_txt_emb, "first-stage text embeddings")
     n, m = img.shape[0], txt.shape[0]
@@ -303,8 +306,18 @@ def two_stage_ranks(first_img_emb: Any, first_txt_emb: Any, rescore_fn: RescoreF
     split = keys_i2t.numel()
     r_i2t = torch.from_numpy(scores[inverse[:split]]).view(keys_i2t.shape)
     r_t2i = torch.from_numpy(scores[inverse[split:]]).view(keys_t2i.shape)
+    if fusion:
+        r_i2t = r_i2t + fusion * i2t["vals"].double()
+        r_t2i = r_t2i + fusion * t2i["vals"].double()
     return {"i2t_ranks": _final_ranks(i2t, r_i2t), "t2i_ranks": _final_ranks(t2i, r_t2i),
             "pairs_scored": int(len(keys))}
+
+
+def check_fusion(w: Any, name: str = "rerank_fusion") -> float:
+    """A finite, non-negative weight of the first-stage score in a re-ranked order."""
+    if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) or not np.isfinite(w) or w < 0:
+        raise ConfigError(f"{name}: expected a finite number >= 0 (weight of the first-stage score), got {w!r}")
+    return float(w)
 
 
 def pair_rescore_fn(model: Any, image_reps: Any, text_reps: Any) -> RescoreFn:
@@ -337,13 +350,14 @@ def evaluate_pair_scorer(model: Any, split: Any, *, protocol: str = "full", bloc
                          batch_size: int = 256, progress: bool | None = False,
                          device: str | torch.device = "cpu", return_ranks: bool = False, rerank_k: int = 0,
                          text_block: int = DEFAULT_TEXT_BLOCK, first_stage: tuple[Any, Any] | None = None,
-                         seed: int = 0) -> dict:
+                         seed: int = 0, rerank_fusion: float = 0.0) -> dict:
     """Metrics of a pair scorer on a prepared split (``.dataset``, ``.images``, ``.texts``).
 
     ``rerank_k = 0``: exact, the full score matrix in ``block_size x text_block`` tiles.
     ``rerank_k > 0``: two-stage; the first stage is ``first_stage = (image_emb, text_emb)``
-    over the split's items, or else the model's ``first_stage_embeddings(img_reps, txt_reps)``.
-    Every protocol subset is evaluated independently and averaged, as for embeddings.
+    over the split's items, or else the model's ``first_stage_embeddings(img_reps, txt_reps)``;
+    ``rerank_fusion = w`` adds ``w`` x the first-stage score to the pair score (see
+    :func:`two_stage_ranks`). Every protocol subset is evaluated independently and averaged, as for embeddings.
     Returns ``{"metrics", "per_subset", "pairs_scored"}`` plus ``i2t_ranks`` / ``t2i_ranks``
     (every subset's ranks, concatenated) when ``return_ranks``.
     """
@@ -390,7 +404,7 @@ def evaluate_pair_scorer(model: Any, split: Any, *, protocol: str = "full", bloc
         if rerank_k:
             fi, ft = (first[0], first[1]) if whole else (first[0][images], first[1][texts])
             res = two_stage_ranks(fi, ft, pair_rescore_fn(model, ir, tr), g, int(rerank_k),
-                                  block_size=block_size, progress=progress)
+                                  block_size=block_size, progress=progress, fusion=rerank_fusion)
             r_i2t, r_t2i = res["i2t_ranks"], res["t2i_ranks"]
             scored += res["pairs_scored"]
         else:

@@ -179,6 +179,13 @@ class IaisLoss(nn.Module):
     warm start standing in for UNITER's ITM pre-training with random negatives: mining the
     hardest negatives of a random model collapses it to a pair-independent score); the IAIS
     term is left out during those steps (TSA still counts them).
+    ``pool``: ``uniform`` (UNITER: the pool is a uniform draw of non-positives) or
+    ``first_stage``: after the warm start, the pool is the anchor's ``negatives`` nearest
+    non-positives by the model's first stage (``model.args.first_stage``), so the re-ranker
+    trains on the candidates it will re-rank (as ALBEF mines ITM negatives by its ITC
+    similarity). ``fusion = w`` trains the score ``pair logit + w x first-stage score`` (the
+    order re-ranking gives with ``eval.rerank_fusion: w``): the cross-encoder learns a residual
+    over its first stage, whose order it keeps while it knows nothing better; 0 = IAIS.
     """
 
     #: not a loss over embedding batches: the ``itm_hard_negatives`` task calls :meth:`terms`
@@ -187,7 +194,7 @@ class IaisLoss(nn.Module):
     def __init__(self, margin: float = 0.2, negatives: int = 399, hard_negatives: int = 31,
                  directions: str = "alternate", alignment: str = "none", weight: float = 1.0,
                  schedule: str = "exp", reduction: str = "sum", eps: float = 1e-6,
-                 random_steps: int = 0) -> None:
+                 random_steps: int = 0, pool: str = "uniform", fusion: float = 0.0) -> None:
         super().__init__()
         if alignment not in ALIGNMENTS:
             raise ConfigError(f"loss.args.alignment: expected one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
@@ -202,6 +209,10 @@ class IaisLoss(nn.Module):
                 raise ConfigError(f"loss.args.{key}: expected a positive integer, got {v!r}")
         if isinstance(random_steps, bool) or not isinstance(random_steps, int) or random_steps < 0:
             raise ConfigError(f"loss.args.random_steps: expected a non-negative integer, got {random_steps!r}")
+        if pool not in ("uniform", "first_stage"):
+            raise ConfigError(f"loss.args.pool: expected uniform or first_stage, got {pool!r}")
+        if isinstance(fusion, bool) or not isinstance(fusion, (int, float)) or not math.isfinite(fusion) or fusion < 0:
+            raise ConfigError(f"loss.args.fusion: expected a number >= 0, got {fusion!r}")
         if hard_negatives > negatives:
             raise ConfigError(f"loss.args.hard_negatives ({hard_negatives}) exceeds loss.args.negatives ({negatives})")
         self.margin = float(margin)
@@ -209,6 +220,8 @@ class IaisLoss(nn.Module):
         self.directions, self.alignment = directions, alignment
         self.weight, self.schedule, self.reduction, self.eps = float(weight), schedule, reduction, float(eps)
         self.random_steps = random_steps
+        self.pool = pool
+        self.fusion = float(fusion)
 
     @property
     def needs_maps(self) -> bool:

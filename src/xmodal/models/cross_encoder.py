@@ -333,7 +333,14 @@ class CrossEncoder(PairScorer):
 
     # training -----------------------------------------------------------------------------
     def prepare_training(self, cfg: Any, run_dir: Any) -> None:
-        """Check that training validation can rank: two-stage needs a first stage."""
+        """Start from a finished run's weights (``model.args.init_from``: fine-tuning after a
+        matching pre-training, as IAIS starts from UNITER) and check that validation can rank:
+        two-stage needs a first stage."""
+        src = (cfg.model.args or {}).get("init_from")
+        if src:
+            from .aladin import load_weights_from
+
+            load_weights_from(self, src)
         if cfg.eval.rerank_k and self.first_stage is None:
             raise ConfigError(f"eval.rerank_k={cfg.eval.rerank_k}: validation re-ranks a first stage; set "
                               "model.args.first_stage: RUN (e.g. the emoji baseline run) or eval.rerank_k=0 "
@@ -357,7 +364,7 @@ _ARGS: dict[str, Any] = {
     "dim": int, "depth": int, "heads": int, "ff_dim": (int, type(None)), "dropout": _NUM,
     "box_dim": int, "grid": (list, type(None)), "max_text_length": int, "pair_batch": int,
     "first_stage": (str, type(None)), "pooler_init": bool, "new_lr_scale": _NUM, "init_std": _NUM,
-    "pooling": str,
+    "pooling": str, "init_from": (str, type(None)),
 }
 _RANDOM_ONLY = ("dim", "depth", "heads", "ff_dim")
 

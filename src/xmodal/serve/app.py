@@ -181,9 +181,9 @@ class SearchService:
                   thumbs: bool) -> list[dict[str, Any]]:
         """The index's shortlist for ``q``, re-ordered by the pair scorer (two-stage search)."""
         with self._search_lock:
-            _, rows = index.search(q, self.reranker.shortlist_size(k, index))
+            first, rows = index.search(q, self.reranker.shortlist_size(k, index))
         with self._encode_lock:
-            scores, rows = self.reranker.rerank(index, query, modality, rows[0], k)
+            scores, rows = self.reranker.rerank(index, query, modality, rows[0], k, first_scores=first[0])
         return self._results(index, scores, rows, thumbs)
 
     @torch.inference_mode()
@@ -267,10 +267,12 @@ class SearchService:
 
 def load_service(index: str | os.PathLike, text_index: str | os.PathLike | None = None, *,
                  run: str | os.PathLike | None = None, image_root: str | os.PathLike | None = None,
-                 rerank: str | os.PathLike | None = None, rerank_k: int = 100) -> SearchService:
+                 rerank: str | os.PathLike | None = None, rerank_k: int = 100,
+                 rerank_fusion: float | None = None) -> SearchService:
     """Open the index folders and load their model once (refusing a text index of another model).
 
-    ``rerank``: a pair scorer's run folder that re-orders the top ``rerank_k`` of each search.
+    ``rerank``: a pair scorer's run folder that re-orders the top ``rerank_k`` of each search
+    (by pair score + ``rerank_fusion`` x index score; default: that run's ``eval.rerank_fusion``).
     """
     from ..index import Index
     from ..search import _same_model, load_index_model
@@ -289,7 +291,7 @@ def load_service(index: str | os.PathLike, text_index: str | os.PathLike | None 
         from ..models import load
         from ..search import Reranker
 
-        reranker = Reranker(load(rerank), k=rerank_k)
+        reranker = Reranker(load(rerank), k=rerank_k, fusion=rerank_fusion)
     return SearchService(ix, model, tix, image_root=image_root, reranker=reranker)
 
 

@@ -5,6 +5,12 @@ retrieval model embeds that image (through its image tower, from pixels) and ran
 split's captions: R@K is the share of synthesized images whose source caption is in the
 top K. The same is reported for the real images as queries (their positives are their
 captions), both encoded from the same 64x64 pixels.
+
+A generator trained with the retrieval-consistency term optimises the very image tower
+that this check uses, and could pass it with patterns that mean nothing to any other model
+(adversarial examples). ``judge=RUN`` repeats the check with an independently trained run's
+towers embedding both the synthesized images and the captions: a gain that holds there is
+in the images, one that vanishes is in the tower.
 """
 from __future__ import annotations
 
@@ -42,8 +48,13 @@ def _recalls(img: torch.Tensor, txt: torch.Tensor, gt: GroundTruth) -> dict[str,
 
 
 def evaluate_synthesis(syn_dir: str | Path, *, split: str | None = None, lang: str | None = None, seed: int = 0,
-                       grid: str | Path | None = None, grid_items: int = 12, progress: bool = False) -> dict[str, Any]:
-    """Image -> caption recalls of synthesized vs real images on ``split`` (default: the test split)."""
+                       grid: str | Path | None = None, grid_items: int = 12, judge: str | Path | None = None,
+                       progress: bool = False) -> dict[str, Any]:
+    """Image -> caption recalls of synthesized vs real images on ``split`` (default: the test split).
+
+    With ``judge`` (another trained run over the same data), ``result["judge"]`` holds the same
+    two rows with that run's towers embedding the images and the captions.
+    """
     from ..models import load
 
     G, info = load_synthesizer(syn_dir)
@@ -62,9 +73,36 @@ def evaluate_synthesis(syn_dir: str | Path, *, split: str | None = None, lang: s
         "synthesized": _recalls(fake_emb, cond.text_emb, own),
         "real": _recalls(real_emb, cond.text_emb, ds.gt),
     }
+    if judge is not None:
+        result["judge"] = judge_synthesis(judge, fake, cond, split, lang, progress=progress)
     if grid is not None:
         result["grid"] = str(write_grid(grid, ds, fake, cond.pixels, grid_items))
     return result
+
+
+def judge_synthesis(judge: str | Path, fake: np.ndarray, cond, split: str, lang: str | None,
+                    progress: bool = False) -> dict[str, Any]:
+    """The check scored by run ``judge``: its towers embed ``fake`` (one per caption of ``cond``),
+    the real images and the captions of the same split."""
+    from ..errors import XmodalError
+    from ..models import load
+
+    model = load(judge)
+    if getattr(model.image_tower, "input_kind", "features") != "pixels":
+        raise XmodalError(f"judge {judge}: its image tower ({type(model.image_tower).__name__}) does not read "
+                          "pixels, so it cannot embed synthesized images")
+    jc = prepare_conditions(model, split, lang, progress=progress)
+    ds, jds = cond.dataset, jc.dataset
+    if list(jds.text_ids) != list(ds.text_ids) or list(jds.image_ids) != list(ds.image_ids):
+        raise XmodalError(f"judge {judge}: its {split} split ({jds.num_texts} captions, {jds.num_images} images) "
+                          f"is not the synthesis run's ({ds.num_texts}, {ds.num_images}); judge with a run "
+                          "trained on the same data")
+    own = GroundTruth.from_map(np.arange(ds.num_texts), ds.num_texts)
+    return {
+        "run": str(judge),
+        "synthesized": _recalls(embed_pixels(model, fake, progress=progress), jc.text_emb, own),
+        "real": _recalls(embed_pixels(model, jc.pixels, progress=progress), jc.text_emb, jds.gt),
+    }
 
 
 def pick_items(num_texts: int, k: int) -> np.ndarray:

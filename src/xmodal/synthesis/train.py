@@ -7,7 +7,11 @@ condition, either its own image embedding or the embedding of one of its caption
 fraction ``text_condition`` of the samples), so that at test time a caption's embedding
 lands where the generator was trained. Losses: hinge GAN loss with a matching-aware
 projection discriminator, the conditioning-augmentation KL term, and an L1 term to the
-paired real image (``l1_weight``; 0 gives the plain conditional GAN).
+paired real image (``l1_weight``; 0 gives the plain conditional GAN), and a
+retrieval-consistency term (``retrieval_weight``, see :func:`retrieval_loss`): the run's own
+frozen image tower embeds the synthesized image and an InfoNCE over the batch's conditions
+pulls it to its own condition, as R2GAN / CookGAN and X-MRS use the retrieval model to
+make synthesized images carry their condition's semantics.
 
 Every random draw of step ``k`` comes from ``(seed, k)``, so a resumed run repeats the
 uninterrupted one exactly. Layout of a synthesis folder ``SYN``::
@@ -23,9 +27,10 @@ import dataclasses
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -57,6 +62,13 @@ class SynthesisConfig:
     kl_weight: float = 0.02
     #: fraction of samples conditioned on a caption's embedding instead of the image's
     text_condition: float = 0.5
+    #: weight of the retrieval-consistency term (0 = the plain GAN + L1 of earlier runs)
+    retrieval_weight: float = 1.0
+    #: InfoNCE temperature of that term (scores are cosines)
+    retrieval_temperature: float = 0.1
+    #: synthesized images per step sent through the image tower (0 = the whole batch); the
+    #: backward pass through a pixel backbone dominates a step's cost on a CPU
+    retrieval_batch: int = 8
     seed: int = 0
     checkpoint_every: int = 250
     log_every: int = 50
@@ -80,6 +92,19 @@ class SynthesisConfig:
             raise ConfigError("synthesis: steps must be >= 1 and batch_size >= 2")
         if not 0.0 <= self.text_condition <= 1.0:
             raise ConfigError(f"synthesis: text_condition must be in [0, 1], got {self.text_condition}")
+        if self.retrieval_weight < 0 or self.retrieval_temperature <= 0 or self.retrieval_batch < 0:
+            raise ConfigError("synthesis: retrieval_weight and retrieval_batch must be >= 0 and "
+                              "retrieval_temperature > 0")
+
+
+#: values of keys added after a synthesis folder was written that reproduce its training
+#: (folders from before the retrieval term trained without it)
+_ADDED_KEYS = {"retrieval_weight": 0.0, "retrieval_temperature": 0.1, "retrieval_batch": 8}
+
+
+def saved_config(data: dict) -> dict:
+    """A ``synthesis.json`` config with the keys added since it was written filled in."""
+    return {**_ADDED_KEYS, **data}
 
 
 # conditions ----------------------------------------------------------------------------------
@@ -175,6 +200,75 @@ def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
+# retrieval consistency ---------------------------------------------------------------------------
+@contextmanager
+def grad_through_image_tower(model) -> Iterator[None]:
+    """Let gradients reach the *input* of a frozen image tower (its weights stay fixed).
+
+    Frozen towers run under ``no_grad`` to save memory when training a retrieval model; the
+    synthesis loss needs d(embedding)/d(pixels) through the very same modules. The flags that
+    switch grad off are lifted for the duration; parameters keep ``requires_grad=False``, so
+    nothing of the tower is trained, and the modules stay in eval mode.
+    """
+    flags = [(model, "frozen_image")] if hasattr(model, "frozen_image") else []
+    flags += [(m, "frozen") for m in model.image_tower.modules() if isinstance(getattr(m, "frozen", None), bool)]
+    saved = [(m, name, getattr(m, name)) for m, name in flags]
+    try:
+        for m, name, _ in saved:
+            setattr(m, name, False)
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
+def embed_generated(model, images: torch.Tensor) -> torch.Tensor:
+    """Differentiable image embeddings ``(B, D)`` of generated images ``(B, 3, 64, 64)`` in [-1, 1].
+
+    The path of :func:`xmodal.synthesis.evaluate.embed_pixels` (``model.encode_image`` on
+    64 x 64 pixels in [0, 255]) minus the rounding to uint8, so that the term optimises what
+    the X-MRS check measures.
+    """
+    with grad_through_image_tower(model):
+        return model.encode_image((images + 1.0) * 127.5).float()
+
+
+def retrieval_loss(fake_emb: torch.Tensor, cond: torch.Tensor, same: torch.Tensor, temperature: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE of synthesized images ``(k, D)`` over the batch's conditions ``(B, D)``, k <= B.
+
+    Image ``i`` was drawn from condition ``i``; the other conditions of the batch are its
+    negatives, except those of the same concept (``same (k, B)`` True: a caption and its
+    images, or two images with a shared caption), which are left out of the denominator
+    rather than pushed away. InfoNCE rather than a hinge triplet: every negative contributes
+    a gradient from the first step (a margin-satisfied triplet gives none, a hardest-negative
+    one gives one per image, unstable early on), and the retrieval runs this conditions on
+    were themselves trained with InfoNCE, so the term asks the generator for the ranking
+    the run's space was shaped for. Returns ``(loss, in-batch top-1 accuracy)``.
+    """
+    k = fake_emb.shape[0]
+    logits = fake_emb @ cond.t() / temperature  # (k, B)
+    own = torch.eye(k, cond.shape[0], dtype=torch.bool)  # (k, B)
+    logits = logits.masked_fill(same & ~own, float("-inf"))
+    target = torch.arange(k)
+    loss = F.cross_entropy(logits, target)
+    acc = (logits.argmax(dim=1) == target).float().mean()
+    return loss, acc
+
+
+def same_concept(idx: np.ndarray, texts_of_image) -> torch.Tensor:
+    """``(B, B)`` True where images ``idx[a]`` and ``idx[b]`` share a caption (and on the diagonal)."""
+    counts = texts_of_image.counts()[idx]
+    rows = np.repeat(np.arange(len(idx)), counts)
+    cols = np.concatenate([texts_of_image.indices[texts_of_image.indptr[i]:texts_of_image.indptr[i + 1]]
+                           for i in idx]) if counts.sum() else np.zeros(0, np.int64)
+    member = np.zeros((len(idx), int(texts_of_image.indices.max(initial=-1)) + 1), dtype=np.float32)  # (B, M)
+    member[rows, cols] = 1.0
+    same = (member @ member.T) > 0  # (B, B)
+    np.fill_diagonal(same, True)
+    return torch.from_numpy(same)
+
+
 # training ----------------------------------------------------------------------------------------
 def _batch(step: int, cfg: SynthesisConfig, cond: Conditions
            ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Generator]:
@@ -214,6 +308,7 @@ def train_synthesis(run: str | Path, out: str | Path, cfg: SynthesisConfig | Non
         raise XmodalError(f"{out}: already holds a synthesis run; pass --resume to continue it or choose another --out")
     if resume and ckpt_path.exists():
         saved = json.loads((out / "synthesis.json").read_text())
+        saved["config"] = saved_config(saved.get("config", {}))
         # only the step budget may change on resume (to train longer)
         same = lambda d: {**d, "config": {**d["config"], "steps": None}}  # noqa: E731
         if same({k: saved.get(k) for k in config_json}) != same(json.loads(json.dumps(config_json))):
@@ -227,6 +322,12 @@ def train_synthesis(run: str | Path, out: str | Path, cfg: SynthesisConfig | Non
     cond = prepare_conditions(model, split, lang, progress=progress)
     console.print(f"[bold]synthesis[/] conditions: {cond.dataset.summary()} "
                   f"({time.perf_counter() - t0:.0f} s)")
+    tower = None
+    if cfg.retrieval_weight > 0:
+        if getattr(model.image_tower, "input_kind", "features") != "pixels":
+            raise ConfigError(f"synthesis: retrieval_weight needs a run whose image tower reads pixels; "
+                              f"{run} has {type(model.image_tower).__name__}")
+        tower = model.eval().requires_grad_(False)  # the run's own tower, frozen: only G learns
     del model
     embed_dim = int(cond.image_emb.shape[1])
 
@@ -285,12 +386,20 @@ def train_synthesis(run: str | Path, out: str | Path, cfg: SynthesisConfig | Non
             l1 = (fake - real).abs().mean()
             kl = kl_to_unit_gaussian(mu, logvar)
             g_loss = adv + cfg.l1_weight * l1 + cfg.kl_weight * kl
+            terms = {"d_loss": d_loss, "g_adv": adv, "l1": l1, "kl": kl}
+            if tower is not None:
+                k = cfg.retrieval_batch or len(idx)  # the batch is a random draw: its first k are too
+                fake_emb = embed_generated(tower, fake[:k])  # (k, D)
+                ret, acc = retrieval_loss(fake_emb, e, same_concept(idx, cond.texts_of_image)[:k],
+                                          cfg.retrieval_temperature)
+                g_loss = g_loss + cfg.retrieval_weight * ret
+                terms.update(retrieval=ret, retrieval_acc=acc)
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             opt_g.step()
             step += 1
             prog.update(bar, completed=step)
-            last = {k: float(v.detach()) for k, v in (("d_loss", d_loss), ("g_adv", adv), ("l1", l1), ("kl", kl))}
+            last = {name: float(v.detach()) for name, v in terms.items()}
             if not all(np.isfinite(v) for v in last.values()):
                 raise XmodalError(f"synthesis step {step}: non-finite loss {last}; lower the learning rate")
             if cfg.log_every and step % cfg.log_every == 0:
@@ -313,7 +422,7 @@ def load_synthesizer(syn_dir: str | Path, device: str = "cpu") -> tuple[Conditio
     info = json.loads(info_path.read_text())
     if info.get("format") != FORMAT:
         raise XmodalError(f"{info_path}: expected format {FORMAT!r}, got {info.get('format')!r}")
-    c = SynthesisConfig.from_dict(info["config"])
+    c = SynthesisConfig.from_dict(saved_config(info["config"]))
     G = ConditionalGenerator(int(info["embed_dim"]), c.z_dim, c.cond_dim, c.g_base)
     missing, unexpected = G.load_state_dict(_strip(load_file(str(syn_dir / "generator.safetensors")), "G"),
                                             strict=False)

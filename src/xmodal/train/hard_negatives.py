@@ -70,6 +70,8 @@ class HardNegativeTask(nn.Module):
         self.total_steps = 1
         self.seed = 0
         self._text_ids: dict[str, torch.Tensor] | None = None
+        self._neighbours: dict[str, np.ndarray] | None = None
+        self._first: dict[str, torch.Tensor] | None = None
 
     # the loop hands the split over once ------------------------------------------------
     def attach_split(self, cfg: Any, split: Any) -> None:
@@ -92,8 +94,53 @@ class HardNegativeTask(nn.Module):
         if isinstance(sample, list) and all(isinstance(s, str) for s in sample):
             batch = self.model.tokenize(split.texts(np.arange(ds.num_texts)))
             self._text_ids = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        log.info("hard negatives: pool %d, keep %d, %s directions, alignment %s", need,
+        self._neighbours = self._first = None
+        if self.loss.pool == "first_stage" or self.loss.fusion:
+            self._first = self._first_stage_embeddings()
+        if self.loss.pool == "first_stage":
+            self._neighbours = self._first_stage_neighbours(need)
+        log.info("hard negatives: pool %d (%s), keep %d, %s directions, alignment %s", need, self.loss.pool,
                  self.loss.hard_negatives, self.loss.directions, self.loss.alignment)
+
+    @torch.no_grad()
+    def _first_stage_embeddings(self) -> dict[str, torch.Tensor]:
+        """The attached first stage's (``model.args.first_stage``) embeddings of the training
+        split: ``{"images": (N, D), "texts": (M, D)}``."""
+        from ..eval.encode import encode_all
+
+        fs = getattr(self.model, "first_stage", None)
+        if fs is None:
+            raise ConfigError("loss.args.pool: first_stage and loss.args.fusion use the first stage's scores: "
+                              "set model.args.first_stage: RUN (an embedding model's run folder)")
+        ds, dev = self.split.dataset, self.model._device()
+        img = encode_all(fs.model.encode_image, self.split.images, ds.num_images, 256,
+                         "first stage: training images", False, dev).float()
+        txt = encode_all(lambda x: fs.model.encode_text(list(x)), self.split.texts, ds.num_texts, 256,
+                         "first stage: training texts", False, dev).float()
+        return {"images": img, "texts": txt}
+
+    @torch.no_grad()
+    def _first_stage_neighbours(self, size: int, block: int = 1024) -> dict[str, np.ndarray]:
+        """Each text's ``size`` nearest non-positive images and each image's ``size`` nearest
+        non-positive texts by the first stage: the pools of ``loss.args.pool: first_stage``.
+        One pass over the split, ``block`` rows at a time."""
+        img, txt = self._first["images"], self._first["texts"]
+        gt = self.split.dataset.gt
+        out = {}
+        for name, queries, cands, rel in (("images", txt, img, gt), ("texts", img, txt, gt.transpose())):
+            widest = int(np.diff(rel.indptr).max()) if rel.num_texts else 0
+            take = min(cands.shape[0], size + widest)
+            rows = np.empty((queries.shape[0], size), dtype=np.int64)
+            for a in range(0, queries.shape[0], block):
+                top = (queries[a:a + block] @ cands.T).topk(take, dim=1).indices.cpu().numpy()  # (b, take)
+                for r, cand in enumerate(top):
+                    keep = cand[~np.isin(cand, rel.images_of(a + r))][:size]
+                    if len(keep) < size:
+                        raise DataError(f"hard negatives: fewer than loss.args.negatives={size} non-positive "
+                                        f"{name} for an anchor; lower it")
+                    rows[a + r] = keep
+            out[name] = rows  # anchors of the other modality -> their nearest negative {name}
+        return out
 
     def _texts(self, idx: np.ndarray) -> Any:
         if self._text_ids is None:
@@ -107,10 +154,17 @@ class HardNegativeTask(nn.Module):
         return self.split.images(np.asarray(idx, dtype=np.int64), self.model._device())
 
     # one direction ------------------------------------------------------------------------
-    def _pools(self, batch: Batch, negatives_are: str, rng: np.random.Generator) -> np.ndarray:
-        """(B, 1 + pool) candidate indices, the positive first."""
+    def _pools(self, batch: Batch, negatives_are: str, rng: np.random.Generator, step: int) -> np.ndarray:
+        """(B, 1 + pool) candidate indices, the positive first: a uniform draw of non-positives
+        (UNITER), or after the warm start with ``pool: first_stage``, the anchor's nearest
+        non-positives by the first stage."""
         gt: GroundTruth = self.split.dataset.gt
         size = self.loss.negatives
+        if self._neighbours is not None and step >= self.loss.random_steps:
+            anchors = batch.text_idx if negatives_are == "images" else batch.image_idx
+            positives = batch.image_idx if negatives_are == "images" else batch.text_idx
+            near = self._neighbours[negatives_are][np.asarray(anchors, dtype=np.int64)]  # (B, pool)
+            return np.concatenate([np.asarray(positives, dtype=np.int64)[:, None], near], axis=1)
         rows = []
         for t, i in zip(batch.text_idx, batch.image_idx):
             if negatives_are == "images":  # anchor: the text; never one of its images
@@ -129,7 +183,7 @@ class HardNegativeTask(nn.Module):
     def _direction(self, batch: Batch, negatives_are: str, step: int) -> dict[str, torch.Tensor]:
         m, loss = self.model, self.loss
         rng = np.random.default_rng([self.seed, step, _NEG_STREAM, 0 if negatives_are == "texts" else 1])
-        pools = self._pools(batch, negatives_are, rng)  # (B, 1 + pool)
+        pools = self._pools(batch, negatives_are, rng, step)  # (B, 1 + pool)
         B, C = pools.shape
         k = loss.hard_negatives
         anchor_idx = batch.image_idx if negatives_are == "texts" else batch.text_idx
@@ -149,6 +203,15 @@ class HardNegativeTask(nn.Module):
             ii, tt = (ai, ci) if negatives_are == "texts" else (ci, ai)
             return _take(img, ii), _take(txt, tt)
 
+        base = torch.zeros(B, C)  # (B, C) loss.fusion x first-stage score of each (anchor, candidate)
+        if loss.fusion:
+            fa = self._first["images" if negatives_are == "texts" else "texts"][torch.as_tensor(anchor_idx)]
+            fc = self._first[negatives_are][torch.from_numpy(pools)]  # (B, C, D)
+            sims = (fc @ fa[:, :, None]).squeeze(-1)  # (B, C)
+            # centred per anchor: a query's order ignores a constant, and the sigmoids of the
+            # hinge stay off their flat ends
+            base = loss.fusion * (sims - sims.mean(1, keepdim=True))
+        base = base.to(m._device())
         if step < loss.random_steps:
             # warm start: k random negatives of the pool (the pool is a uniform draw already)
             keep = torch.arange(1, k + 1).expand(B, k)  # (B, k)
@@ -161,7 +224,7 @@ class HardNegativeTask(nn.Module):
                 for s in range(0, len(ai), m.pair_batch):
                     img, txt = pairs(a, c, ai[s:s + m.pair_batch], ci[s:s + m.pair_batch])
                     scores.append(m.forward_pairs(img, txt)[0])
-                pool_scores = torch.cat(scores).view(B, C)  # (B, C)
+                pool_scores = torch.cat(scores).view(B, C) + base  # (B, C)
             keep = hardest(pool_scores[:, 1:], k) + 1  # (B, k) columns of the kept negatives
         cols = torch.cat([torch.zeros(B, 1, dtype=torch.long), keep.cpu()], dim=1)  # (B, 1 + k) positive first
         # 2) the positive and its hardest negatives, with gradients, in train mode
@@ -174,7 +237,7 @@ class HardNegativeTask(nn.Module):
         align = loss.needs_maps and step >= loss.random_steps
         rows = torch.arange(B, device=img.tokens.device) * (k + 1) if align else None
         logits, attn = m.forward_pairs(img, txt, relation_rows=rows)
-        logits = logits.view(B, k + 1)  # (B, 1 + k)
+        logits = logits.view(B, k + 1) + base.gather(1, cols.to(base.device))  # (B, 1 + k)
         maps = None
         if attn is not None:
             from ..losses.relation import relation_maps

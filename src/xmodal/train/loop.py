@@ -220,7 +220,8 @@ def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, 
 
     def evaluate(step: int) -> dict:
         res = evaluate_split(model, val_split, protocol="full", block_size=cfg.eval.block_size,
-                             device=device, rerank_k=cfg.eval.rerank_k)
+                             device=device, rerank_k=cfg.eval.rerank_k,
+                             rerank_fusion=cfg.eval.rerank_fusion)
         m = res["metrics"]
         metric_log.write(step, "val", m)
         improved = m["rsum"] > state["best_rsum"]
