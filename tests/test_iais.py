@@ -92,6 +92,27 @@ def test_ranking_hinge_on_sigmoids():
     assert ranking_hinge(pos, neg, 0.2).item() == pytest.approx(want, rel=1e-6)
 
 
+def test_warm_start_losses_by_hand():
+    """``warmup_loss``: UNITER's ITM binary cross-entropy, or the positive's cross-entropy among
+    its candidates, during the random-negative steps only; the hinge after."""
+    from xmodal.losses.relation import itm_bce, itm_softmax
+
+    pos = torch.tensor([1.0, -0.5])
+    neg = torch.tensor([[0.0, 2.0], [-1.0, 0.5]])
+    sp = lambda x: math.log1p(math.exp(x))  # noqa: E731 softplus
+    want_bce = 0.5 * (np.mean([sp(-1.0), sp(0.5)]) + np.mean([sp(0.0), sp(2.0), sp(-1.0), sp(0.5)]))
+    assert itm_bce(pos, neg).item() == pytest.approx(want_bce, rel=1e-6)
+    lse = lambda xs: math.log(sum(math.exp(x) for x in xs))  # noqa: E731
+    want_sm = np.mean([lse([1.0, 0.0, 2.0]) - 1.0, lse([-0.5, -1.0, 0.5]) + 0.5])
+    assert itm_softmax(pos, neg).item() == pytest.approx(want_sm, rel=1e-6)
+    loss = IaisLoss(random_steps=3, warmup_loss="itm")
+    assert loss.combine(pos, neg, None, "V", 2, 10)["rank_loss"].item() == pytest.approx(want_bce, rel=1e-6)
+    assert loss.combine(pos, neg, None, "V", 3, 10)["rank_loss"].item() == pytest.approx(
+        ranking_hinge(pos, neg, 0.2).item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="warmup_loss"):
+        IaisLoss(warmup_loss="bce")
+
+
 # ------------------------------------------------------------------------------------------
 # attention maps and the two alignments
 # ------------------------------------------------------------------------------------------
@@ -519,3 +540,87 @@ def test_init_from_starts_from_a_finished_run(tmp_path):
     cfg.model.args["init_from"] = str(tmp_path / "nothing")
     with pytest.raises(ConfigError, match="init_from"):
         create_model(cfg.model).prepare_training(cfg, tmp_path / "ft2")
+
+
+def test_text_layers_read_the_text_alone_and_stay_frozen(tmp_path):
+    """``text_layers: k``: MiniLM's first k layers over the text alone (its hidden state k,
+    checked against transformers), frozen; the joint encoder is its next ``layers``."""
+    from transformers import AutoModel
+
+    from xmodal.models import create_model
+    from xmodal.models.transformer import load_bert
+
+    cfg, _ = _tiny_cfg(tmp_path)
+    cfg.model.args = {"text_init": "minilm", "text_layers": 4, "layers": 1, "box_dim": 0, "pooling": "mean",
+                      "dropout": 0.0}
+    cfg.model.image.args["out_dim"] = 384
+    m = create_model(cfg.model).train()
+    assert len(m.text_layers) == 4 and len(m.encoder.layers) == 1
+    assert not any(p.requires_grad for p in m.text_layers.parameters())
+    assert not m.text_layers.training  # frozen layers run without dropout in training too
+    ref = AutoModel.from_pretrained(load_bert("minilm")["path"], local_files_only=True).eval()
+    texts = ["a grinning face", "red heart on a white background"]
+    batch = m.tokenize(texts)
+    with torch.no_grad():
+        want = ref(**batch, output_hidden_states=True).hidden_states
+        m.eval()
+        got = m.embed_texts(texts)
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(got.tokens[mask], want[4][mask], rtol=1e-4, atol=1e-4)
+    # the joint layer is the checkpoint's fifth: on the text alone it gives hidden state 5
+    with torch.no_grad():
+        x, _ = m.encoder.layers[0](got.tokens, mask)
+    torch.testing.assert_close(x[mask], want[5][mask], rtol=1e-4, atol=1e-4)
+    for bad in ({"text_layers": 6}, {"text_layers": 4, "layers": 3}):
+        cfg.model.args = {"text_init": "minilm", "box_dim": 0, **bad}
+        with pytest.raises(ConfigError, match="layers"):
+            create_model(cfg.model)
+
+
+def test_fused_training_score_adds_the_centred_first_stage(tmp_path):
+    """``fusion: w``: pools are mined and graded by pair logit + w x (first-stage score - the
+    pool's mean), the order ``eval.rerank_fusion: w`` re-ranks with."""
+    from xmodal.config import load_config
+    from xmodal.losses import create_loss
+    from xmodal.models import create_model
+    from xmodal.train.data import Batch
+    from xmodal.train.hard_negatives import HardNegativeTask
+    from xmodal.train.loop import train
+    from xmodal.train.pipeline import prepare_split
+
+    data = write_synthetic_precomp(tmp_path / "data")
+    train(load_config(write_tiny_config(tmp_path / "dual.yaml", data, steps=5)), tmp_path / "dual", progress=False)
+    torch.manual_seed(0)
+    cfg, _ = _tiny_cfg(tmp_path)
+    cfg.model.args["first_stage"] = str(tmp_path / "dual")
+    cfg.loss.args.update(pool="first_stage", fusion=2.0)
+    model = create_model(cfg.model)
+    task = HardNegativeTask(model, create_loss(cfg.loss.name, **cfg.loss.args))
+    task.attach_split(cfg, prepare_split(cfg, model, "train", "en", training=True, progress=False))
+    calls, seen = [], {}
+    orig = model.forward_pairs
+
+    def spy(img, txt, relation_rows=None):
+        out = orig(img, txt, relation_rows)
+        calls.append((torch.is_grad_enabled(), out[0].detach().clone()))
+        return out
+
+    def combine(pos, neg, *rest):
+        seen.update(pos=pos.detach(), neg=neg.detach())
+        return IaisLoss.combine(task.loss, pos, neg, *rest)
+
+    model.forward_pairs, task.loss.combine = spy, combine
+    ti = np.arange(0, 16, 2)
+    batch = Batch(ti, ti // 2, torch.eye(8, dtype=torch.bool), None, None)
+    task._direction(batch, "images", step=0)
+    pools = task._pools(batch, "images", np.random.default_rng(0), 0)  # (B, C) no draw: first-stage pools
+    sims = (task._first["images"][pools] @ task._first["texts"][ti][:, :, None]).squeeze(-1)  # (B, C)
+    base = 2.0 * (sims - sims.mean(1, keepdim=True))
+    k = cfg.loss.args["hard_negatives"]
+    fused_pool = torch.cat([c[1] for c in calls if not c[0]]).view(len(ti), -1) + base  # (B, C)
+    graded = calls[-1][1].view(len(ti), 1 + k)
+    torch.testing.assert_close(seen["pos"], graded[:, 0] + base[:, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(seen["neg"].sort(1).values, fused_pool[:, 1:].topk(k, dim=1).values.sort(1).values,
+                               rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="fusion"):
+        IaisLoss(fusion=-1.0)

@@ -162,6 +162,22 @@ def ranking_hinge(pos: torch.Tensor, neg: torch.Tensor, margin: float) -> torch.
     return (margin + torch.sigmoid(neg) - torch.sigmoid(pos)[:, None]).clamp_min(0).mean()
 
 
+def itm_bce(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """UNITER's pre-training ITM loss on one positive and ``k`` random negatives per anchor:
+    binary cross-entropy of the logits, positives and negatives weighted alike
+    (``pos`` (B,), ``neg`` (B, k))."""
+    return 0.5 * (F.softplus(-pos).mean() + F.softplus(neg).mean())
+
+
+def itm_softmax(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the positive among ``1 + k`` candidates per anchor (listwise ITM)."""
+    logits = torch.cat([pos[:, None], neg], dim=1)  # (B, 1 + k)
+    return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long, device=pos.device))
+
+
+WARMUP_LOSSES = {"hinge": None, "itm": itm_bce, "softmax": itm_softmax}
+
+
 @LOSSES.register("iais")
 class IaisLoss(nn.Module):
     """Hard-negative ITM ranking + IAIS relation alignment (the training objective of IAIS).
@@ -194,7 +210,8 @@ class IaisLoss(nn.Module):
     def __init__(self, margin: float = 0.2, negatives: int = 399, hard_negatives: int = 31,
                  directions: str = "alternate", alignment: str = "none", weight: float = 1.0,
                  schedule: str = "exp", reduction: str = "sum", eps: float = 1e-6,
-                 random_steps: int = 0, pool: str = "uniform", fusion: float = 0.0) -> None:
+                 random_steps: int = 0, pool: str = "uniform", fusion: float = 0.0,
+                 warmup_loss: str = "hinge") -> None:
         super().__init__()
         if alignment not in ALIGNMENTS:
             raise ConfigError(f"loss.args.alignment: expected one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
@@ -209,6 +226,8 @@ class IaisLoss(nn.Module):
                 raise ConfigError(f"loss.args.{key}: expected a positive integer, got {v!r}")
         if isinstance(random_steps, bool) or not isinstance(random_steps, int) or random_steps < 0:
             raise ConfigError(f"loss.args.random_steps: expected a non-negative integer, got {random_steps!r}")
+        if warmup_loss not in WARMUP_LOSSES:
+            raise ConfigError(f"loss.args.warmup_loss: expected one of {', '.join(WARMUP_LOSSES)}, got {warmup_loss!r}")
         if pool not in ("uniform", "first_stage"):
             raise ConfigError(f"loss.args.pool: expected uniform or first_stage, got {pool!r}")
         if isinstance(fusion, bool) or not isinstance(fusion, (int, float)) or not math.isfinite(fusion) or fusion < 0:
@@ -221,6 +240,7 @@ class IaisLoss(nn.Module):
         self.weight, self.schedule, self.reduction, self.eps = float(weight), schedule, reduction, float(eps)
         self.random_steps = random_steps
         self.pool = pool
+        self.warmup_loss = warmup_loss
         self.fusion = float(fusion)
 
     @property
@@ -237,7 +257,8 @@ class IaisLoss(nn.Module):
                 modality: str, step: int, total: int) -> dict[str, torch.Tensor]:
         """Named terms of one direction: ``rank_loss`` and, with alignment, ``iais_loss``
         (already scaled by ``weight`` and the TSA threshold) plus logged metrics."""
-        out = {"rank_loss": ranking_hinge(pos, neg, self.margin),
+        warm = WARMUP_LOSSES[self.warmup_loss] if step < self.random_steps else None
+        out = {"rank_loss": warm(pos, neg) if warm is not None else ranking_hinge(pos, neg, self.margin),
                "pos_prob": torch.sigmoid(pos.detach()).mean(),
                "hard_neg_prob": torch.sigmoid(neg.detach()).mean()}
         if maps is not None and self.needs_maps:

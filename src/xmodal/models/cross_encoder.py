@@ -134,7 +134,7 @@ class CrossEncoder(PairScorer):
                  dropout: float = 0.1, max_text_length: int = 40, pair_batch: int = 256,
                  first_stage: str | None = None, frozen_image: bool = True,
                  pooler_state: dict[str, torch.Tensor] | None = None, new_lr_scale: float = 1.0,
-                 init_std: float = 0.02, pooling: str = "cls") -> None:
+                 init_std: float = 0.02, pooling: str = "cls", text_layers: Any = None) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ConfigError(f"model.args.pooling: expected cls (UNITER) or mean, got {pooling!r}")
@@ -146,6 +146,11 @@ class CrossEncoder(PairScorer):
         self.image_tower = image_tower
         self.frozen_image = frozen_image and image_tower is not None
         self.text_embed = embeddings
+        # ALBEF's split of one BERT: the lower layers read the text alone (frozen here: the
+        # checkpoint's sentence semantics stay intact and the pairs never re-run them), the
+        # upper ones (``encoder``) read [text states; image tokens] together
+        self.text_layers = nn.ModuleList(text_layers or [])
+        self.text_layers.requires_grad_(False)
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.dim = encoder.dim
@@ -176,6 +181,7 @@ class CrossEncoder(PairScorer):
         super().train(mode)
         if self.image_tower is not None and self.frozen_image:
             self.image_tower.eval()  # pretrained BatchNorm statistics, no dropout noise
+        self.text_layers.eval()  # frozen: no dropout noise either
         return self
 
     def frozen_prefixes(self) -> list[str]:
@@ -233,12 +239,17 @@ class CrossEncoder(PairScorer):
                               return_tensors="pt")
 
     def embed_texts(self, texts: Any) -> TowerOutput:
-        """Text tokens (B, L, D) ``[CLS] words [SEP]``, mask (B, L)."""
+        """Text tokens (B, L, D) ``[CLS] words [SEP]`` (after the text-only layers), mask (B, L)."""
         batch = texts if isinstance(texts, dict) else self.tokenize(texts)
         device = self._device()
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device).bool()
         x = self.text_embed(ids, torch.zeros_like(ids))  # (B, L, D)
+        if len(self.text_layers):
+            with torch.no_grad():
+                attn_mask = None if bool(mask.all()) else mask
+                for layer in self.text_layers:
+                    x, _ = layer(x, attn_mask)
         return TowerOutput(tokens=x, pooled=x.new_zeros(x.shape[0], 0), mask=mask)
 
     # pairs ------------------------------------------------------------------------------
@@ -364,7 +375,7 @@ _ARGS: dict[str, Any] = {
     "dim": int, "depth": int, "heads": int, "ff_dim": (int, type(None)), "dropout": _NUM,
     "box_dim": int, "grid": (list, type(None)), "max_text_length": int, "pair_batch": int,
     "first_stage": (str, type(None)), "pooler_init": bool, "new_lr_scale": _NUM, "init_std": _NUM,
-    "pooling": str, "init_from": (str, type(None)),
+    "pooling": str, "init_from": (str, type(None)), "text_layers": int,
 }
 _RANDOM_ONLY = ("dim", "depth", "heads", "ff_dim")
 
@@ -406,19 +417,28 @@ def build_cross_encoder(cfg) -> CrossEncoder:
             raise ConfigError(f"model.args.{bad[0]}: set by the text_init checkpoint; remove it "
                               "(or set text_init_weights: false for a random model)")
         embeddings, encoder = bert["embeddings"], bert["encoder"]
+        below = int(args.get("text_layers", 0))
         keep = args.get("layers")
-        if keep is not None:
-            if not 1 <= keep <= encoder.depth:
-                raise ConfigError(f"model.args.layers: expected 1..{encoder.depth} (the checkpoint's layers), got {keep}")
-            encoder.layers = nn.ModuleList(list(encoder.layers)[:keep])
-            encoder.depth = keep
+        keep = encoder.depth - below if keep is None else keep
+        if not 0 <= below < encoder.depth:
+            raise ConfigError(f"model.args.text_layers: expected 0..{encoder.depth - 1} (the checkpoint has "
+                              f"{encoder.depth} layers and the joint encoder needs one), got {below}")
+        if not 1 <= keep <= encoder.depth - below:
+            raise ConfigError(f"model.args.layers: expected 1..{encoder.depth - below} (the checkpoint's layers "
+                              f"above text_layers: {below}), got {keep}")
+        layers = list(encoder.layers)
+        text_layers = layers[:below]
+        encoder.layers = nn.ModuleList(layers[below:below + keep])
+        encoder.depth = keep
         if args.get("pooler_init", True):
             pooler_state = _checkpoint_pooler(bert["path"])
     else:
         if args.get("pooler_init"):
             raise ConfigError("model.args.pooler_init: only with text_init_weights: true (the checkpoint's pooler)")
-        if "layers" in args:
-            raise ConfigError("model.args.layers: only with text_init_weights: true; use depth")
+        for key in ("layers", "text_layers"):
+            if key in args:
+                raise ConfigError(f"model.args.{key}: only with text_init_weights: true; use depth")
+        text_layers = []
         dim, depth, heads = int(args.get("dim", 64)), int(args.get("depth", 2)), int(args.get("heads", 4))
         embeddings = TextEmbeddings(len(bert["tokenizer"]), dim, 512, 2, dropout)
         encoder = TransformerEncoder(dim, depth, heads, args.get("ff_dim"), dropout)
@@ -439,7 +459,7 @@ def build_cross_encoder(cfg) -> CrossEncoder:
                         pair_batch=int(args.get("pair_batch", 256)), first_stage=args.get("first_stage"),
                         frozen_image=cfg.image.frozen, pooler_state=pooler_state,
                         new_lr_scale=float(args.get("new_lr_scale", 1.0)), init_std=init_std,
-                        pooling=str(args.get("pooling", "cls")))
+                        pooling=str(args.get("pooling", "cls")), text_layers=text_layers)
 
 
 def _checkpoint_pooler(path: str) -> dict[str, torch.Tensor] | None:
