@@ -507,12 +507,19 @@ def test_first_stage_pool_is_its_nearest_non_positives(tmp_path):
 
     ti = np.arange(0, 16, 2)
     batch = Batch(ti, ti // 2, torch.eye(8, dtype=torch.bool), None, None)
-    rng = np.random.default_rng(0)
-    after = task._pools(batch, "images", rng, step=2)
-    np.testing.assert_array_equal(after[:, 0], ti // 2)  # the positive first
-    np.testing.assert_array_equal(after[:, 1:], task._neighbours["images"][ti])
-    warm = task._pools(batch, "texts", rng, step=1)  # the warm start draws uniformly
-    assert not np.array_equal(warm[:, 1:], task._neighbours["texts"][ti // 2])
+    pools = task._pools(batch, "images", np.random.default_rng(0))
+    np.testing.assert_array_equal(pools[:, 0], ti // 2)  # the positive first
+    np.testing.assert_array_equal(pools[:, 1:], task._neighbours["images"][ti])
+    # the warm start (step < random_steps) keeps k of the neighbours at random, then the hardest
+    graded = []
+    orig = model.forward_pairs
+    model.forward_pairs = lambda img, txt, relation_rows=None: (graded.append(torch.is_grad_enabled()),
+                                                                orig(img, txt, relation_rows))[1]
+    task.training_step(batch, 1)
+    assert graded == [True]  # no pool scoring during the warm start
+    graded.clear()
+    task.training_step(batch, 2)
+    assert graded[0] is False and graded[-1] is True
     # without a first stage the option says what is missing
     cfg.model.args["first_stage"] = None
     bare = HardNegativeTask(create_model(cfg.model), create_loss(cfg.loss.name, **cfg.loss.args))
@@ -613,7 +620,7 @@ def test_fused_training_score_adds_the_centred_first_stage(tmp_path):
     ti = np.arange(0, 16, 2)
     batch = Batch(ti, ti // 2, torch.eye(8, dtype=torch.bool), None, None)
     task._direction(batch, "images", step=0)
-    pools = task._pools(batch, "images", np.random.default_rng(0), 0)  # (B, C) no draw: first-stage pools
+    pools = task._pools(batch, "images", np.random.default_rng(0))  # (B, C) no draw: first-stage pools
     sims = (task._first["images"][pools] @ task._first["texts"][ti][:, :, None]).squeeze(-1)  # (B, C)
     base = 2.0 * (sims - sims.mean(1, keepdim=True))
     k = cfg.loss.args["hard_negatives"]

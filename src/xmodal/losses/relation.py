@@ -196,8 +196,8 @@ class IaisLoss(nn.Module):
     hardest negatives of a random model collapses it to a pair-independent score); the IAIS
     term is left out during those steps (TSA still counts them).
     ``pool``: ``uniform`` (UNITER: the pool is a uniform draw of non-positives) or
-    ``first_stage``: after the warm start, the pool is the anchor's ``negatives`` nearest
-    non-positives by the model's first stage (``model.args.first_stage``), so the re-ranker
+    ``first_stage``: the pool is the anchor's ``negatives`` nearest non-positives by the
+    model's first stage (the warm start keeps ``hard_negatives`` of them at random) (``model.args.first_stage``), so the re-ranker
     trains on the candidates it will re-rank (as ALBEF mines ITM negatives by its ITC
     similarity). ``fusion = w`` trains the score ``pair logit + w x first-stage score`` (the
     order re-ranking gives with ``eval.rerank_fusion: w``): the cross-encoder learns a residual

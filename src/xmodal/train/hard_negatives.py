@@ -154,13 +154,13 @@ class HardNegativeTask(nn.Module):
         return self.split.images(np.asarray(idx, dtype=np.int64), self.model._device())
 
     # one direction ------------------------------------------------------------------------
-    def _pools(self, batch: Batch, negatives_are: str, rng: np.random.Generator, step: int) -> np.ndarray:
+    def _pools(self, batch: Batch, negatives_are: str, rng: np.random.Generator) -> np.ndarray:
         """(B, 1 + pool) candidate indices, the positive first: a uniform draw of non-positives
-        (UNITER), or after the warm start with ``pool: first_stage``, the anchor's nearest
-        non-positives by the first stage."""
+        (UNITER), or with ``pool: first_stage`` the anchor's nearest non-positives by the first
+        stage (the warm start then keeps k of them at random)."""
         gt: GroundTruth = self.split.dataset.gt
         size = self.loss.negatives
-        if self._neighbours is not None and step >= self.loss.random_steps:
+        if self._neighbours is not None:
             anchors = batch.text_idx if negatives_are == "images" else batch.image_idx
             positives = batch.image_idx if negatives_are == "images" else batch.text_idx
             near = self._neighbours[negatives_are][np.asarray(anchors, dtype=np.int64)]  # (B, pool)
@@ -183,7 +183,7 @@ class HardNegativeTask(nn.Module):
     def _direction(self, batch: Batch, negatives_are: str, step: int) -> dict[str, torch.Tensor]:
         m, loss = self.model, self.loss
         rng = np.random.default_rng([self.seed, step, _NEG_STREAM, 0 if negatives_are == "texts" else 1])
-        pools = self._pools(batch, negatives_are, rng, step)  # (B, 1 + pool)
+        pools = self._pools(batch, negatives_are, rng)  # (B, 1 + pool)
         B, C = pools.shape
         k = loss.hard_negatives
         anchor_idx = batch.image_idx if negatives_are == "texts" else batch.text_idx
@@ -213,8 +213,11 @@ class HardNegativeTask(nn.Module):
             base = loss.fusion * (sims - sims.mean(1, keepdim=True))
         base = base.to(m._device())
         if step < loss.random_steps:
-            # warm start: k random negatives of the pool (the pool is a uniform draw already)
-            keep = torch.arange(1, k + 1).expand(B, k)  # (B, k)
+            # warm start: k random negatives of the pool (a uniform pool is a random draw already)
+            if self._neighbours is None:
+                keep = torch.arange(1, k + 1).expand(B, k)  # (B, k)
+            else:
+                keep = torch.from_numpy(np.argsort(rng.random((B, C - 1)), axis=1)[:, :k] + 1)  # (B, k)
         else:
             # 1) score the pool without gradients, in eval mode (the original's self.eval())
             with torch.no_grad():
