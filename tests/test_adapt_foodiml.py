@@ -245,3 +245,30 @@ def test_shipped_ensemble_configs_build(runs, name):
     run = runs["adapt"]
     cfg = load_config(CONFIGS / name, overrides=[f"model.args.members=[{run}, {run}]"])
     assert isinstance(create_model(cfg.model), AdaptEnsemble)
+
+
+def test_rerank_sweep_benchmark_runs(runs, tmp_path):
+    """benchmarks/rerank_sweep.py: the first stage alone, then each (k, W), with the same metrics
+    as xmodal eval gives for them."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "rerank_sweep.py"
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run([sys.executable, str(script), "--pair", str(runs["adapt"]), "--first", str(runs["dual"]),
+                           "--ks", "3", "--fusions", "0", "1", "--json", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["k"], r["fusion"]) for r in rows] == [(None, None), (3, 0.0), (3, 1.0)]
+    assert all(r["s_per_query"] > 0 for r in rows)
+    from xmodal.eval.encode import evaluate_split, first_stage_for
+    from xmodal.models import load
+    from xmodal.train.pipeline import prepare_split
+
+    adapt, dual = load(runs["adapt"]), load(runs["dual"])
+    split = adapt.xmodal_config.data.test_split
+    data = prepare_split(adapt.xmodal_config, adapt, split, adapt.xmodal_config.data.eval_lang, progress=False)
+    ddata = prepare_split(dual.xmodal_config, dual, split, adapt.xmodal_config.data.eval_lang, progress=False)
+    want = evaluate_split(adapt, data, rerank_k=3, first_stage=first_stage_for(dual, ddata, data), rerank_fusion=1.0)
+    assert rows[2]["metrics"] == pytest.approx(want["metrics"])
+    assert rows[0]["metrics"] == pytest.approx(evaluate_split(dual, ddata)["metrics"])
