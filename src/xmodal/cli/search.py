@@ -13,13 +13,18 @@ def _args(p) -> None:
     p.add_argument("--image", default=None, help="query with an image file instead of text")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--run", default=None, help="the run folder, if it moved since the index was built")
+    rerank_arguments(p)
+    p.add_argument("--json", action="store_true", help='print {"query": ..., "results": [...]} as JSON')
+
+
+def rerank_arguments(p) -> None:
+    """``--rerank RUN``, ``--rerank-k K``, ``--rerank-fusion W``: two-stage search (search and serve)."""
     p.add_argument("--rerank", default=None, metavar="RUN",
                    help="a pair scorer's run folder (ADAPT, ALADIN alignment, a cross-encoder) that re-orders "
-                        "the index's shortlist")
+                        "each search's shortlist")
     p.add_argument("--rerank-k", type=int, default=100, help="shortlist size re-ranked by --rerank (default 100)")
     p.add_argument("--rerank-fusion", type=float, default=None, metavar="W",
                    help="order by pair score + W x index score (default: the --rerank run's eval.rerank_fusion)")
-    p.add_argument("--json", action="store_true", help='print {"query": ..., "results": [...]} as JSON')
 
 
 def _label(rec: dict) -> str:

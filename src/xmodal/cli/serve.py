@@ -5,6 +5,7 @@ import logging
 import sys
 
 from . import arguments, command
+from .search import rerank_arguments
 
 log = logging.getLogger(__name__)
 
@@ -16,12 +17,7 @@ def _args(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--run", default=None, help="the run folder, if it moved since the index was built")
-    p.add_argument("--rerank", default=None, metavar="RUN",
-                   help="a pair scorer's run folder (ADAPT, ALADIN alignment, a cross-encoder) that re-orders "
-                        "each search's shortlist")
-    p.add_argument("--rerank-k", type=int, default=100, help="shortlist size re-ranked by --rerank (default 100)")
-    p.add_argument("--rerank-fusion", type=float, default=None, metavar="W",
-                   help="order by pair score + W x index score (default: the --rerank run's eval.rerank_fusion)")
+    rerank_arguments(p)
     p.add_argument("--image-root", default=None,
                    help="folder thumbnails may be read from (default: the folder all indexed images share)")
 

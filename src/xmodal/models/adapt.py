@@ -54,7 +54,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, XmodalError
 from . import MODELS
-from .base import PairScorer, TowerOutput
+from .base import PairScorer, TowerOutput, check_model_args
 
 log = logging.getLogger(__name__)
 
@@ -809,16 +809,7 @@ _ARGS = {
 
 
 def _check_args(args: dict) -> dict:
-    out = dict(args)
-    for key, value in out.items():
-        if key not in _ARGS:
-            raise ConfigError(f"unknown config key 'model.args.{key}' for model type adapt; "
-                              f"valid keys: {', '.join(_ARGS)}")
-        want = _ARGS[key]
-        ok = isinstance(value, bool) if want is bool else (isinstance(value, want) and not isinstance(value, bool))
-        if not ok:
-            name = "true/false" if want is bool else ("a number" if isinstance(want, tuple) else want.__name__)
-            raise ConfigError(f"model.args.{key}: expected {name}, got {value!r}")
+    out = check_model_args(args, _ARGS, "adapt")
     variant = out.get("variant", "t2i")
     if variant not in VARIANTS:
         raise ConfigError(f"model.args.variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")

@@ -55,7 +55,7 @@ from torch import nn
 
 from ..errors import ConfigError, XmodalError
 from . import MODELS
-from .base import IMAGE_TOWERS, TEXT_TOWERS, EmbeddingScorer, PairScorer, TowerOutput
+from .base import IMAGE_TOWERS, TEXT_TOWERS, EmbeddingScorer, PairScorer, TowerOutput, check_model_args
 from .transformer import ImageEmbeddings, TransformerEncoder, image_token_inputs, load_bert
 
 log = logging.getLogger(__name__)
@@ -429,15 +429,7 @@ _ARGS: dict[str, Any] = {
 
 
 def _check_args(args: dict) -> dict:
-    out = dict(args)
-    for key, value in out.items():
-        if key not in _ARGS:
-            raise ConfigError(f"unknown config key 'model.args.{key}' for model type aladin; "
-                              f"valid keys: {', '.join(_ARGS)}")
-        want = _ARGS[key]
-        ok = isinstance(value, bool) if want is bool else (isinstance(value, want) and not isinstance(value, bool))
-        if not ok:
-            raise ConfigError(f"model.args.{key}: unexpected value {value!r}")
+    out = check_model_args(args, _ARGS, "aladin")
     if out.get("eval_head", "alignment") not in HEADS:
         raise ConfigError(f"model.args.eval_head: expected alignment or matching, got {out['eval_head']!r}")
     for key in ("align_skip_image", "align_skip_text"):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..registry import Registry
 
 
@@ -88,3 +89,28 @@ IMAGE_TOWERS: Registry[ImageTower] = Registry("image tower")
 TEXT_TOWERS: Registry[TextTower] = Registry("text tower")
 POOLING: Registry[nn.Module] = Registry("pooling head")
 HEADS: Registry[nn.Module] = Registry("head")
+
+
+def _type_name(want: Any) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping", type(None): "null"}
+    types = want if isinstance(want, tuple) else (want,)
+    if set(types) >= {int, float}:
+        types = tuple(t for t in types if t is not int)
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def check_model_args(args: dict, spec: dict[str, Any], model_type: str) -> dict:
+    """A copy of ``model.args`` whose keys are all in ``spec`` (key -> type or tuple of types)
+    and whose values have those types (a bool is not a number); else a :class:`ConfigError`
+    naming the key."""
+    out = dict(args)
+    for key, value in out.items():
+        if key not in spec:
+            raise ConfigError(f"unknown config key 'model.args.{key}' for model type {model_type}; "
+                              f"valid keys: {', '.join(spec)}")
+        want = spec[key]
+        ok = isinstance(value, bool) if want is bool else (isinstance(value, want) and not isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"model.args.{key}: expected {_type_name(want)}, got {value!r}")
+    return out

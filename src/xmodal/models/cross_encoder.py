@@ -56,7 +56,7 @@ from torch import nn
 
 from ..errors import ConfigError, XmodalError
 from . import MODELS
-from .base import IMAGE_TOWERS, EmbeddingScorer, PairScorer, TowerOutput
+from .base import IMAGE_TOWERS, EmbeddingScorer, PairScorer, TowerOutput, check_model_args
 from .transformer import TextEmbeddings, TransformerEncoder, image_token_inputs, load_bert
 
 log = logging.getLogger(__name__)
@@ -380,19 +380,6 @@ _ARGS: dict[str, Any] = {
 _RANDOM_ONLY = ("dim", "depth", "heads", "ff_dim")
 
 
-def _check_args(args: dict) -> dict:
-    out = dict(args)
-    for key, value in out.items():
-        if key not in _ARGS:
-            raise ConfigError(f"unknown config key 'model.args.{key}' for model type cross_encoder; "
-                              f"valid keys: {', '.join(_ARGS)}")
-        want = _ARGS[key]
-        ok = isinstance(value, bool) if want is bool else (isinstance(value, want) and not isinstance(value, bool))
-        if not ok:
-            raise ConfigError(f"model.args.{key}: unexpected value {value!r}")
-    return out
-
-
 def build_cross_encoder(cfg) -> CrossEncoder:
     """Build the cross-encoder from a :class:`xmodal.config.ModelConfig` (``type: cross_encoder``).
 
@@ -402,7 +389,7 @@ def build_cross_encoder(cfg) -> CrossEncoder:
     """
     from . import image as _image  # noqa: F401  (registers image towers)
 
-    args = _check_args(cfg.args)
+    args = check_model_args(cfg.args, _ARGS, "cross_encoder")
     dropout = float(args.get("dropout", 0.1))
     # UNITER's 0.02 suits 768-d; a small random model (tests) needs ~dim^-1/2, or the value and
     # output projections shrink the attention so much that [CLS] ignores the pair
