@@ -140,3 +140,27 @@ def test_identity_heads_with_trainable_towers(data, tmp_path):
                       ["model.text_head.proj=identity", "model.image_head.proj=identity", "train.eval_every=5"])
     summary = train(cfg, tmp_path / "run", progress=False)
     assert summary["steps"] == 5 and summary["best_val"]["rsum"] > 0
+
+
+def test_fp16_loss_scale_survives_a_checkpoint(tmp_path):
+    """An fp16 run's GradScaler state goes through the checkpoint's JSON and comes back."""
+    import torch
+
+    from xmodal.train.loop import restore_grad_scaler
+
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    before = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    for grad in (float("inf"), 1.0, 1.0):  # one overflow (scale halves), two good steps
+        opt.zero_grad()
+        (before.scale(w.sum()) * grad).backward()
+        before.step(opt)
+        before.update()
+    saved = json.loads(json.dumps(before.state_dict()))  # what state.json holds
+    assert saved["scale"] == 512.0 and saved["_growth_tracker"] == 2
+    after = torch.amp.GradScaler("cpu")
+    restore_grad_scaler(after, saved, tmp_path)
+    assert after.get_scale() == 512.0 and after.state_dict() == before.state_dict()
+    restore_grad_scaler(None, saved, tmp_path)  # not an fp16 run: nothing to do
+    with pytest.raises(XmodalError, match="grad_scaler"):
+        restore_grad_scaler(torch.amp.GradScaler("cpu"), {"scale": 2.0}, tmp_path)

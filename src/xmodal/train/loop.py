@@ -216,6 +216,7 @@ def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, 
         raise ConfigError(f"train.amp: expected none, bf16 or fp16, got {amp!r}")
     use_amp = amp != "none" and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp == "fp16" else None
+    restore_grad_scaler(scaler, state.pop("grad_scaler", None), run_dir)
     amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
 
     def evaluate(step: int) -> dict:
@@ -291,6 +292,8 @@ def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, 
             if (every and step % every == 0) or did_eval or step == total or stopped_early:
                 state["elapsed"] = float(state.get("elapsed", 0.0)) + (time.perf_counter() - t_train)
                 t_train = time.perf_counter()
+                if scaler is not None:  # fp16's loss scale resumes where it was, not at 65,536
+                    state["grad_scaler"] = scaler.state_dict()
                 if env.is_main:
                     save_checkpoint(run_dir, step, model, loss, optimizer, state, config_yaml,
                                     keep=cfg.train.keep_checkpoints)
@@ -305,6 +308,21 @@ def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, 
         atomic_write_json(run_dir / "summary.json", summary)
     barrier(env)  # the others leave the group only once rank 0 has written the run
     return summary
+
+
+def restore_grad_scaler(scaler: Any, saved: dict | None, run_dir: Path) -> None:
+    """Give a resumed fp16 run its checkpoint's loss scale and growth tracker.
+
+    A checkpoint of an fp16 run holds ``GradScaler.state_dict()`` (five numbers, JSON); without
+    it a resumed run would restart from the initial scale and skip steps finding it again.
+    """
+    if scaler is None or not saved:
+        return
+    need = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+    if not isinstance(saved, dict) or not need <= set(saved):
+        raise XmodalError(f"{run_dir}: the checkpoint's grad_scaler state is malformed "
+                          f"(expected the keys {', '.join(sorted(need))})")
+    scaler.load_state_dict(saved)
 
 
 class _NullProgress:
