@@ -40,6 +40,9 @@ class DataConfig:
     options: dict = field(default_factory=dict)
     #: a corrupt, missing or oversized image is ``skip``-ped (reported) or makes the run ``fail``
     on_bad_image: str = "skip"
+    #: ``{folds: K, fold: f, seed: s}``: train without fold ``f`` of ``K`` (groups of items linked
+    #: by captions stay together); the out-of-fold first stages of ``loss.args.cross_fit``
+    train_holdout: dict = field(default_factory=dict)
 
 
 @dataclass

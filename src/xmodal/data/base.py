@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..registry import Registry
 
 
@@ -150,6 +150,46 @@ class GroundTruth:
         return m
 
 
+def item_folds(gt: GroundTruth, folds: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split the items into ``folds`` groups for cross-fitting: ``(text_fold (M,), image_fold (N,))``.
+
+    Texts and images linked by the ground truth (a caption and its images, the images of one
+    emoji in two styles) form one connected component and always land in one fold, so no
+    fold holds a positive of another fold's item. Components are shuffled with ``seed`` and
+    dealt, each to the fold with the fewest texts so far (ties: the lowest fold), which keeps
+    the folds within one component of each other in size. An image without a caption belongs to
+    a component of its own.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ConfigError(f"folds: expected an integer >= 2, got {folds!r}")
+    m, n = gt.num_texts, gt.num_images
+    parent = np.arange(m + n)  # union-find over texts (0..m-1) and images (m..m+n-1)
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    t, i = gt.pairs()
+    for a, b in zip(t.tolist(), (i + m).tolist()):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    comp = np.array([root(x) for x in range(m + n)], dtype=np.int64)
+    labels, comp = np.unique(comp, return_inverse=True)  # components numbered 0..C-1
+    if len(labels) < folds:
+        raise ConfigError(f"folds={folds}: the data has only {len(labels)} groups of linked items")
+    texts_per = np.bincount(comp[:m], minlength=len(labels))
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    size = np.zeros(folds, dtype=np.int64)
+    for c in np.random.default_rng(seed).permutation(len(labels)):
+        f = int(np.argmin(size))
+        fold_of[c] = f
+        size[f] += texts_per[c]
+    return fold_of[comp[:m]], fold_of[comp[m:]]
+
+
 @dataclass
 class CrossModalDataset:
     """One split of an image-text collection.
@@ -244,6 +284,18 @@ class CrossModalDataset:
         if drop_orphan_texts:
             ds = ds.select_texts(np.flatnonzero(gt.counts() > 0))
         return ds
+
+    def holdout(self, folds: int, fold: int, seed: int = 0, *, keep: str = "rest") -> "CrossModalDataset":
+        """The items outside fold ``fold`` of :func:`item_folds` (``keep="rest"``), or inside it
+        (``keep="fold"``): training data for an out-of-fold model, and what it may score."""
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+            raise ConfigError(f"fold: expected an integer in 0..{folds - 1}, got {fold!r}")
+        if keep not in ("rest", "fold"):
+            raise ConfigError(f"keep: expected rest or fold, got {keep!r}")
+        text_fold, image_fold = item_folds(self.gt, folds, seed)
+        inside = keep == "fold"
+        ds = self.select_images(np.flatnonzero((image_fold == fold) == inside), drop_orphan_texts=False)
+        return ds.select_texts(np.flatnonzero((text_fold == fold) == inside))
 
     def filter_lang(self, lang: str) -> "CrossModalDataset":
         if self.langs is None:

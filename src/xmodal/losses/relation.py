@@ -211,7 +211,7 @@ class IaisLoss(nn.Module):
                  directions: str = "alternate", alignment: str = "none", weight: float = 1.0,
                  schedule: str = "exp", reduction: str = "sum", eps: float = 1e-6,
                  random_steps: int = 0, pool: str = "uniform", fusion: float = 0.0,
-                 warmup_loss: str = "hinge") -> None:
+                 warmup_loss: str = "hinge", cross_fit: list | None = None) -> None:
         super().__init__()
         if alignment not in ALIGNMENTS:
             raise ConfigError(f"loss.args.alignment: expected one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
@@ -234,6 +234,15 @@ class IaisLoss(nn.Module):
             raise ConfigError(f"loss.args.fusion: expected a number >= 0, got {fusion!r}")
         if hard_negatives > negatives:
             raise ConfigError(f"loss.args.hard_negatives ({hard_negatives}) exceeds loss.args.negatives ({negatives})")
+        if cross_fit is not None:
+            if (not isinstance(cross_fit, list) or len(cross_fit) < 2
+                    or not all(isinstance(r, str) and r for r in cross_fit)):
+                raise ConfigError("loss.args.cross_fit: expected a list of 2 or more run folders (the first stage "
+                                  f"trained without each fold), got {cross_fit!r}")
+            if pool != "first_stage":
+                raise ConfigError("loss.args.cross_fit: needs loss.args.pool: first_stage (an out-of-fold first "
+                                  "stage scores its own fold only, so each pool stays in its anchor's fold)")
+        self.cross_fit = list(cross_fit) if cross_fit else []
         self.margin = float(margin)
         self.negatives, self.hard_negatives = negatives, hard_negatives
         self.directions, self.alignment = directions, alignment

@@ -19,6 +19,7 @@ the loop calls :meth:`HardNegativeTask.attach_split` once with the prepared spli
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,10 +96,13 @@ class HardNegativeTask(nn.Module):
             batch = self.model.tokenize(split.texts(np.arange(ds.num_texts)))
             self._text_ids = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         self._neighbours = self._first = None
-        if self.loss.pool == "first_stage" or self.loss.fusion:
+        groups = None
+        if self.loss.cross_fit:
+            self._first, groups = self._cross_fit_embeddings(cfg)
+        elif self.loss.pool == "first_stage" or self.loss.fusion:
             self._first = self._first_stage_embeddings()
         if self.loss.pool == "first_stage":
-            self._neighbours = self._first_stage_neighbours(need)
+            self._neighbours = self._first_stage_neighbours(need, groups=groups)
         log.info("hard negatives: pool %d (%s), keep %d, %s directions, alignment %s", need, self.loss.pool,
                  self.loss.hard_negatives, self.loss.directions, self.loss.alignment)
 
@@ -120,25 +124,98 @@ class HardNegativeTask(nn.Module):
         return {"images": img, "texts": txt}
 
     @torch.no_grad()
-    def _first_stage_neighbours(self, size: int, block: int = 1024) -> dict[str, np.ndarray]:
+    def _cross_fit_embeddings(self, cfg: Any) -> tuple[dict[str, torch.Tensor], list[tuple[np.ndarray, np.ndarray]]]:
+        """Out-of-fold first-stage embeddings of the training split (``loss.args.cross_fit``).
+
+        Run ``f`` of the list was trained with ``data.train_holdout: {folds: K, fold: f}``: it
+        never saw fold ``f``'s items, so on them it errs as the first stage errs on the test
+        split, while the first stage trained on everything ranks nearly every training positive
+        first (no neighbour or fused score on the training split then shows what re-ranking
+        must fix). Each fold's items are embedded by the run that held it out; the pools stay
+        within the anchor's fold (the runs' spaces differ). Returns the embeddings and the
+        folds as ``(text indices, image indices)``.
+        """
+        from ..eval.encode import encode_all
+        from ..models.cross_encoder import _FirstStage
+        from ..data.base import item_folds
+        from .pipeline import holdout_args
+
+        runs = self.loss.cross_fit
+        seen: dict[int, str] = {}
+        seeds = set()
+        for run in runs:
+            from ..config import load_config
+
+            path = Path(run) / "config.yaml"
+            if not path.is_file():
+                raise ConfigError(f"loss.args.cross_fit: {run} is not a run folder (no config.yaml)")
+            rcfg = load_config(path)
+            if not rcfg.data.train_holdout:
+                raise ConfigError(f"loss.args.cross_fit: {run} was trained on the whole split (no "
+                                  "data.train_holdout); train each first stage with data.train_holdout.fold=f")
+            folds, fold, seed = holdout_args(rcfg.data.train_holdout, f"{path}: data.train_holdout")
+            for key in ("format", "path", "train_split", "train_lang"):
+                if getattr(rcfg.data, key) != getattr(cfg.data, key):
+                    raise ConfigError(f"loss.args.cross_fit: {run} trained on data.{key}="
+                                      f"{getattr(rcfg.data, key)!r}, this run on {getattr(cfg.data, key)!r}")
+            if folds != len(runs) or fold in seen:
+                raise ConfigError(f"loss.args.cross_fit: expected one run per fold of {len(runs)}; {run} holds out "
+                                  f"fold {fold} of {folds}" + (f", as {seen[fold]} does" if fold in seen else ""))
+            seen[fold] = run
+            seeds.add(seed)
+        if len(seeds) != 1:
+            raise ConfigError(f"loss.args.cross_fit: the runs split the folds with different seeds {sorted(seeds)}")
+        ds, dev = self.split.dataset, self.model._device()
+        text_fold, image_fold = item_folds(ds.gt, len(runs), seeds.pop())
+        img = txt = None
+        groups = []
+        for fold in range(len(runs)):
+            fs = _FirstStage(seen[fold]).to(dev).model
+            ti, ii = np.flatnonzero(text_fold == fold), np.flatnonzero(image_fold == fold)
+            e_img = encode_all(fs.encode_image, lambda idx, d, ii=ii: self.split.images(ii[idx], d), len(ii), 256,
+                               f"first stage {fold}: its held-out images", False, dev).float()
+            e_txt = encode_all(lambda x, fs=fs: fs.encode_text(list(x)),
+                               lambda idx, d, ti=ti: self.split.texts(ti[idx], d), len(ti), 256,
+                               f"first stage {fold}: its held-out texts", False, dev).float()
+            if img is None:
+                img = e_img.new_zeros(ds.num_images, e_img.shape[1])
+                txt = e_txt.new_zeros(ds.num_texts, e_txt.shape[1])
+            img[torch.from_numpy(ii)], txt[torch.from_numpy(ti)] = e_img, e_txt
+            groups.append((ti, ii))
+        log.info("cross-fitting: %d out-of-fold first stages, folds of %s texts", len(runs),
+                 "/".join(str(len(t)) for t, _ in groups))
+        return {"images": img, "texts": txt}, groups
+
+    @torch.no_grad()
+    def _first_stage_neighbours(self, size: int, block: int = 1024,
+                                groups: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
         """Each text's ``size`` nearest non-positive images and each image's ``size`` nearest
         non-positive texts by the first stage: the pools of ``loss.args.pool: first_stage``.
-        One pass over the split, ``block`` rows at a time."""
+        With ``groups`` (``(texts, images)`` index arrays, the cross-fitting folds), an anchor's
+        neighbours come from its own group only. ``block`` rows at a time."""
         img, txt = self._first["images"], self._first["texts"]
         gt = self.split.dataset.gt
+        if groups is None:
+            groups = [(np.arange(gt.num_texts), np.arange(gt.num_images))]
         out = {}
-        for name, queries, cands, rel in (("images", txt, img, gt), ("texts", img, txt, gt.transpose())):
+        for name, rel in (("images", gt), ("texts", gt.transpose())):
+            rows = np.full((rel.num_texts, size), -1, dtype=np.int64)
             widest = int(np.diff(rel.indptr).max()) if rel.num_texts else 0
-            take = min(cands.shape[0], size + widest)
-            rows = np.empty((queries.shape[0], size), dtype=np.int64)
-            for a in range(0, queries.shape[0], block):
-                top = (queries[a:a + block] @ cands.T).topk(take, dim=1).indices.cpu().numpy()  # (b, take)
-                for r, cand in enumerate(top):
-                    keep = cand[~np.isin(cand, rel.images_of(a + r))][:size]
-                    if len(keep) < size:
-                        raise DataError(f"hard negatives: fewer than loss.args.negatives={size} non-positive "
-                                        f"{name} for an anchor; lower it")
-                    rows[a + r] = keep
+            for ti, ii in groups:
+                q_idx, c_idx = (ti, ii) if name == "images" else (ii, ti)
+                queries, cands = (txt, img) if name == "images" else (img, txt)
+                queries, cands = queries[torch.from_numpy(q_idx)], cands[torch.from_numpy(c_idx)]
+                take = min(len(c_idx), size + widest)
+                for a in range(0, len(q_idx), block):
+                    top = (queries[a:a + block] @ cands.T).topk(take, dim=1).indices.cpu().numpy()  # (b, take)
+                    for r, cand in enumerate(c_idx[top]):
+                        anchor = q_idx[a + r]
+                        keep = cand[~np.isin(cand, rel.images_of(anchor))][:size]
+                        if len(keep) < size:
+                            where = " of its fold" if len(groups) > 1 else ""
+                            raise DataError(f"hard negatives: fewer than loss.args.negatives={size} non-positive "
+                                            f"{name}{where} for an anchor; lower it")
+                        rows[anchor] = keep
             out[name] = rows  # anchors of the other modality -> their nearest negative {name}
         return out
 

@@ -75,7 +75,25 @@ def load_split(cfg, split: str, lang: str | None, training: bool = False) -> Cro
         langs = text_opts.get("translation_langs")
         ds = load_and_augment(ds, text_opts["translations"],
                               langs=[langs] if isinstance(langs, str) else langs)
+    if training and d.train_holdout:
+        folds, fold, seed = holdout_args(d.train_holdout)
+        ds = ds.holdout(folds, fold, seed)
+        log.info("%s/%s: fold %d of %d held out (seed %d): %d texts, %d images left", ds.name, ds.split,
+                 fold, folds, seed, ds.num_texts, ds.num_images)
     return ds
+
+
+def holdout_args(spec: Any, where: str = "data.train_holdout") -> tuple[int, int, int]:
+    """``(folds, fold, seed)`` of a ``{folds: K, fold: f, seed: s}`` mapping, checked."""
+    if not isinstance(spec, dict) or not {"folds", "fold"} <= set(spec) or set(spec) - {"folds", "fold", "seed"}:
+        raise ConfigError(f"{where}: expected {{folds: K, fold: f, seed: s}} (seed optional), got {spec!r}")
+    vals = {k: spec.get(k, 0) for k in ("folds", "fold", "seed")}
+    for k, v in vals.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{where}.{k}: expected an integer, got {v!r}")
+    if vals["folds"] < 2 or not 0 <= vals["fold"] < vals["folds"]:
+        raise ConfigError(f"{where}: expected folds >= 2 and 0 <= fold < folds, got {spec!r}")
+    return vals["folds"], vals["fold"], vals["seed"]
 
 
 def _sample_lang(cfg) -> bool:
