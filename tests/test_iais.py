@@ -453,6 +453,9 @@ def test_random_warm_start_skips_mining_and_alignment(tmp_path):
         calls.append((torch.is_grad_enabled(), relation_rows is not None))
         return orig(img, txt, relation_rows)
 
+    embedded = []
+    orig_images = model.embed_images
+    model.embed_images = lambda x: (embedded.append(orig_images(x).tokens.shape[0]), orig_images(x))[1]
     model.forward_pairs = spy
     ti = np.arange(0, 16, 2)
     batch = Batch(ti, ti // 2, torch.eye(8, dtype=torch.bool), None, None)
@@ -462,6 +465,10 @@ def test_random_warm_start_skips_mining_and_alignment(tmp_path):
         assert ("iais_loss" in terms) is not warm
         assert any(not grad for grad, _ in calls) is not warm  # the pool is scored only after
         assert calls[-1] == (True, not warm)
+    # step 1 (image negatives, warm): only the positives and the pool's first k are embedded
+    pools = task._pools(batch, "images", np.random.default_rng([0, 1, 0x49_41_49_53, 1]))
+    k = cfg.loss.args["hard_negatives"]
+    assert embedded[0] == len(np.unique(pools[:, :1 + k])) < len(np.unique(pools))
 
 
 def test_first_stage_pool_is_its_nearest_non_positives(tmp_path):

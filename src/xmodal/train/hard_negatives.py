@@ -264,9 +264,12 @@ class HardNegativeTask(nn.Module):
         B, C = pools.shape
         k = loss.hard_negatives
         anchor_idx = batch.image_idx if negatives_are == "texts" else batch.text_idx
-        flat = np.unique(pools)  # embed every candidate once
-        where = torch.from_numpy(np.searchsorted(flat, pools.ravel())).view(B, C)  # (B, C) rows of ``flat``
         anchors = torch.arange(B)[:, None].expand(B, C)  # (B, C)
+
+        def rows_of(cands: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+            """The distinct items of ``cands`` (each embedded once) and each cell's row among them."""
+            flat = np.unique(cands)
+            return flat, torch.from_numpy(np.searchsorted(flat, cands.ravel())).view(cands.shape)
 
         def embed(train_mode: bool) -> tuple[TowerOutput, TowerOutput]:
             """(anchors, candidates) in the joint space."""
@@ -295,7 +298,11 @@ class HardNegativeTask(nn.Module):
                 keep = torch.arange(1, k + 1).expand(B, k)  # (B, k)
             else:
                 keep = torch.from_numpy(np.argsort(rng.random((B, C - 1)), axis=1)[:, :k] + 1)  # (B, k)
+            cols = torch.cat([torch.zeros(B, 1, dtype=torch.long), keep], dim=1)  # (B, 1 + k) positive first
+            # nothing scores the rest of the pool: embed only the positive and the kept ones
+            flat, sel = rows_of(np.take_along_axis(pools, cols.numpy(), axis=1))  # (B, 1 + k) rows of ``flat``
         else:
+            flat, where = rows_of(pools)  # (B, C) rows of ``flat``
             # 1) score the pool without gradients, in eval mode (the original's self.eval())
             with torch.no_grad():
                 a, c = embed(False)
@@ -306,10 +313,10 @@ class HardNegativeTask(nn.Module):
                     scores.append(m.forward_pairs(img, txt)[0])
                 pool_scores = torch.cat(scores).view(B, C) + base  # (B, C)
             keep = hardest(pool_scores[:, 1:], k) + 1  # (B, k) columns of the kept negatives
-        cols = torch.cat([torch.zeros(B, 1, dtype=torch.long), keep.cpu()], dim=1)  # (B, 1 + k) positive first
+            cols = torch.cat([torch.zeros(B, 1, dtype=torch.long), keep.cpu()], dim=1)  # (B, 1 + k) positive first
+            sel = where.gather(1, cols)  # (B, 1 + k) rows of ``flat``
         # 2) the positive and its hardest negatives, with gradients, in train mode
         a, c = embed(True)
-        sel = where.gather(1, cols)  # (B, 1 + k)
         img, txt = pairs(a, c, torch.arange(B)[:, None].expand(B, k + 1).reshape(-1), sel.reshape(-1))
         # no relation alignment during the random-negative warm start: on a model that does not
         # match yet, the alignment term alone flattens the last layer's attention and the score
