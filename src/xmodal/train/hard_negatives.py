@@ -135,17 +135,16 @@ class HardNegativeTask(nn.Module):
         within the anchor's fold (the runs' spaces differ). Returns the embeddings and the
         folds as ``(text indices, image indices)``.
         """
+        from ..config import load_config
+        from ..data.base import item_folds
         from ..eval.encode import encode_all
         from ..models.cross_encoder import _FirstStage
-        from ..data.base import item_folds
         from .pipeline import holdout_args
 
         runs = self.loss.cross_fit
         seen: dict[int, str] = {}
         seeds = set()
         for run in runs:
-            from ..config import load_config
-
             path = Path(run) / "config.yaml"
             if not path.is_file():
                 raise ConfigError(f"loss.args.cross_fit: {run} is not a run folder (no config.yaml)")
