@@ -110,18 +110,26 @@ class HardNegativeTask(nn.Module):
     def _first_stage_embeddings(self) -> dict[str, torch.Tensor]:
         """The attached first stage's (``model.args.first_stage``) embeddings of the training
         split: ``{"images": (N, D), "texts": (M, D)}``."""
-        from ..eval.encode import encode_all
-
         fs = getattr(self.model, "first_stage", None)
         if fs is None:
             raise ConfigError("loss.args.pool: first_stage and loss.args.fusion use the first stage's scores: "
                               "set model.args.first_stage: RUN (an embedding model's run folder)")
-        ds, dev = self.split.dataset, self.model._device()
-        img = encode_all(fs.model.encode_image, self.split.images, ds.num_images, 256,
-                         "first stage: training images", False, dev).float()
-        txt = encode_all(lambda x: fs.model.encode_text(list(x)), self.split.texts, ds.num_texts, 256,
-                         "first stage: training texts", False, dev).float()
+        ds = self.split.dataset
+        img, txt = self._embed(fs.model, np.arange(ds.num_images), np.arange(ds.num_texts), "first stage: training")
         return {"images": img, "texts": txt}
+
+    def _embed(self, model: nn.Module, images: np.ndarray, texts: np.ndarray,
+               label: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """An embedding model's float embeddings of these training images and texts (indices
+        into the split), in batches of 256."""
+        from ..eval.encode import encode_all
+
+        dev = self.model._device()
+        img = encode_all(model.encode_image, lambda idx, d: self.split.images(images[idx], d), len(images), 256,
+                         f"{label} images", False, dev).float()
+        txt = encode_all(lambda x: model.encode_text(list(x)), lambda idx, d: self.split.texts(texts[idx], d),
+                         len(texts), 256, f"{label} texts", False, dev).float()
+        return img, txt
 
     @torch.no_grad()
     def _cross_fit_embeddings(self, cfg: Any) -> tuple[dict[str, torch.Tensor], list[tuple[np.ndarray, np.ndarray]]]:
@@ -137,7 +145,6 @@ class HardNegativeTask(nn.Module):
         """
         from ..config import load_config
         from ..data.base import item_folds
-        from ..eval.encode import encode_all
         from ..models.cross_encoder import _FirstStage
         from .pipeline import holdout_args
 
@@ -169,13 +176,9 @@ class HardNegativeTask(nn.Module):
         img = txt = None
         groups = []
         for fold in range(len(runs)):
-            fs = _FirstStage(seen[fold]).to(dev).model
             ti, ii = np.flatnonzero(text_fold == fold), np.flatnonzero(image_fold == fold)
-            e_img = encode_all(fs.encode_image, lambda idx, d, ii=ii: self.split.images(ii[idx], d), len(ii), 256,
-                               f"first stage {fold}: its held-out images", False, dev).float()
-            e_txt = encode_all(lambda x, fs=fs: fs.encode_text(list(x)),
-                               lambda idx, d, ti=ti: self.split.texts(ti[idx], d), len(ti), 256,
-                               f"first stage {fold}: its held-out texts", False, dev).float()
+            e_img, e_txt = self._embed(_FirstStage(seen[fold]).to(dev).model, ii, ti,
+                                       f"first stage {fold}: its held-out")
             if img is None:
                 img = e_img.new_zeros(ds.num_images, e_img.shape[1])
                 txt = e_txt.new_zeros(ds.num_texts, e_txt.shape[1])
