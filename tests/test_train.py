@@ -164,3 +164,21 @@ def test_fp16_loss_scale_survives_a_checkpoint(tmp_path):
     restore_grad_scaler(None, saved, tmp_path)  # not an fp16 run: nothing to do
     with pytest.raises(XmodalError, match="grad_scaler"):
         restore_grad_scaler(torch.amp.GradScaler("cpu"), {"scale": 2.0}, tmp_path)
+
+
+def test_resume_config_check_names_changes_and_ignores_new_defaults(data, tmp_path):
+    """A checkpoint's config saved before a schema field existed still resumes (the field takes
+    its default); a real change is named by its dotted key."""
+    import yaml
+
+    from xmodal import config as C
+    from xmodal.train.loop import config_changes
+
+    cfg = load_config(write_tiny_config(tmp_path / "c.yaml", data, steps=5))
+    old = C.to_dict(cfg)
+    del old["data"]["train_holdout"]  # as a run saved before data.train_holdout existed
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(old))
+    assert config_changes(saved, cfg) == []
+    changed = load_config(write_tiny_config(tmp_path / "c.yaml", data, steps=5), ["optim.lr=0.1", "train.seed=3"])
+    assert config_changes(saved, changed) == ["optim.lr", "train.seed"]

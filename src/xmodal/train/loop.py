@@ -127,6 +127,29 @@ class MetricLog:
             self.tb.close()
 
 
+def config_changes(saved_path: Path, cfg: C.Config) -> list[str]:
+    """The dotted keys whose values differ between a checkpoint's saved config and ``cfg``.
+
+    The saved file is parsed with today's defaults, so fields added to the config schema after
+    the run was saved (at their defaults) do not block ``--resume``.
+    """
+    try:
+        saved = C.to_dict(C.from_dict(yaml.safe_load(saved_path.read_text()) or {}))
+    except (OSError, yaml.YAMLError) as exc:
+        raise XmodalError(f"{saved_path}: cannot read the checkpoint's config ({exc})") from exc
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in list(a) + [k for k in b if k not in a]:
+                walk(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
+        elif a != b:
+            out.append(where or "(config)")
+
+    walk(saved, C.to_dict(cfg), "")
+    return out
+
+
 def train(cfg: C.Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
           console: Any = None) -> dict:
     """Train ``cfg`` into ``run_dir``; returns a summary (best step, best metrics, paths).
@@ -158,10 +181,11 @@ def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, 
         raise XmodalError(f"{run_dir}: already holds a run (checkpoint {ckpt.name}); "
                           f"pass --resume to continue it or choose another --out")
     if resume and ckpt is not None:
-        saved = (ckpt / "config.yaml").read_text()
-        if saved != config_yaml:
+        changed = config_changes(ckpt / "config.yaml", cfg)
+        if changed:
             raise XmodalError(f"{run_dir}: --resume with a different config than the run's "
-                              f"({ckpt / 'config.yaml'}); resume with the same config and overrides")
+                              f"({ckpt / 'config.yaml'}): {', '.join(changed)} differ; resume with the same "
+                              "config and overrides")
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
