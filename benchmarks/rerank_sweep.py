@@ -6,7 +6,10 @@ embedding run as first stage (:func:`xmodal.eval.encode.evaluate_split`, both di
 the split's full metrics), next to the first stage alone, measured in the same process.
 Seconds per query: the whole evaluation (encoding both sides, the first stage's embeddings
 and the re-scoring) divided by the split's queries (captions + images); the ratio is against
-the first stage alone, timed the same way.
+the first stage alone, timed the same way. Each re-ranked row also counts the queries it gets
+right first that the first stage alone did not (``+won``) and the reverse (``-lost``), per
+direction, with the exact sign test's two-sided p (:func:`xmodal.eval.metrics.rank1_changes`):
+an R@1 gain of a few queries is only worth reporting with its p.
 
     OMP_NUM_THREADS=2 python benchmarks/rerank_sweep.py --pair runs/iais_h4 --first runs/baseline \\
         --split val --ks 10 --fusions 5 10 20 30 40 60
@@ -22,7 +25,8 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from xmodal.eval.encode import embed_split, evaluate_split, first_stage_for
+    from xmodal.eval.encode import evaluate_split, first_stage_for
+    from xmodal.eval.metrics import rank1_changes
     from xmodal.models import load
     from xmodal.train.pipeline import prepare_split
 
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     queries = data.dataset.num_texts + data.dataset.num_images
 
     t0 = time.perf_counter()
-    alone = evaluate_split(first_model, first_data)  # the reference: the first stage by itself
+    alone = evaluate_split(first_model, first_data, return_ranks=True)  # the reference: the first stage by itself
     t_alone = time.perf_counter() - t0
     t0 = time.perf_counter()
     first = first_stage_for(first_model, first_data, data)
@@ -53,21 +57,24 @@ def main(argv: list[str] | None = None) -> int:
              "ratio": 1.0, "metrics": alone["metrics"]}]
     for k in args.ks:
         for w in args.fusions:
-            res = evaluate_split(pair, data, rerank_k=k, first_stage=first, rerank_fusion=w)
+            res = evaluate_split(pair, data, rerank_k=k, first_stage=first, rerank_fusion=w, return_ranks=True)
             sec = res["seconds"] + t_first
+            changes = {d: rank1_changes(alone[f"{d}_ranks"], res[f"{d}_ranks"], f"{d} ranks") for d in ("i2t", "t2i")}
             rows.append({"what": "re-ranked", "k": k, "fusion": w, "s_per_query": sec / queries,
-                         "ratio": sec / t_alone, "metrics": res["metrics"]})
+                         "ratio": sec / t_alone, "metrics": res["metrics"], "rank1_changes": changes})
 
     print(f"{args.pair} re-ranking {args.first}: {split} ({lang}), {queries} queries, "
           f"{torch.get_num_threads()} threads")
     print(f"{'':18} {'k':>4} {'W':>5} {'i2t R@1':>8} {'t2i R@1':>8} {'i2t R@5':>8} {'t2i R@5':>8} "
-          f"{'rsum':>7} {'s/query':>9} {'x alone':>8}")
+          f"{'rsum':>7} {'s/query':>9} {'x alone':>8}  {'i2t R@1 +won/-lost (p)':>22}  {'t2i R@1 +won/-lost (p)':>22}")
     for r in rows:
         m = r["metrics"]
         k = "-" if r["k"] is None else str(r["k"])
         w = "-" if r["fusion"] is None else f"{r['fusion']:g}"
         print(f"{r['what']:18} {k:>4} {w:>5} {m['i2t_r1']:8.1f} {m['t2i_r1']:8.1f} {m['i2t_r5']:8.1f} "
-              f"{m['t2i_r5']:8.1f} {m['rsum']:7.1f} {r['s_per_query']:9.4f} {r['ratio']:8.1f}")
+              f"{m['t2i_r5']:8.1f} {m['rsum']:7.1f} {r['s_per_query']:9.4f} {r['ratio']:8.1f}"
+              + "".join(f"  {_changes(r['rank1_changes'][d]):>22}" if "rank1_changes" in r else ""
+                        for d in ("i2t", "t2i")))
     if args.json:
         from pathlib import Path
 
@@ -76,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(Path(args.json), {"pair": args.pair, "first": args.first, "split": split, "lang": lang,
                                             "rows": rows})
     return 0
+
+
+def _changes(c: dict) -> str:
+    return f"+{c['won']}/-{c['lost']} (p {c['p']:.2f})"
 
 
 if __name__ == "__main__":

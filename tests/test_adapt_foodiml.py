@@ -269,6 +269,12 @@ def test_rerank_sweep_benchmark_runs(runs, tmp_path):
     split = adapt.xmodal_config.data.test_split
     data = prepare_split(adapt.xmodal_config, adapt, split, adapt.xmodal_config.data.eval_lang, progress=False)
     ddata = prepare_split(dual.xmodal_config, dual, split, adapt.xmodal_config.data.eval_lang, progress=False)
-    want = evaluate_split(adapt, data, rerank_k=3, first_stage=first_stage_for(dual, ddata, data), rerank_fusion=1.0)
+    want = evaluate_split(adapt, data, rerank_k=3, first_stage=first_stage_for(dual, ddata, data), rerank_fusion=1.0,
+                          return_ranks=True)
     assert rows[2]["metrics"] == pytest.approx(want["metrics"])
-    assert rows[0]["metrics"] == pytest.approx(evaluate_split(dual, ddata)["metrics"])
+    alone = evaluate_split(dual, ddata, return_ranks=True)
+    assert rows[0]["metrics"] == pytest.approx(alone["metrics"])
+    for d in ("i2t", "t2i"):  # rank-1 changes against the first stage alone, counted here query by query
+        a, b = alone[f"{d}_ranks"], want[f"{d}_ranks"]
+        got = rows[2]["rank1_changes"][d]
+        assert (got["won"], got["lost"]) == (int(((a > 0) & (b == 0)).sum()), int(((a == 0) & (b > 0)).sum()))

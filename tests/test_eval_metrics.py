@@ -322,3 +322,34 @@ def test_config_errors():
             xmodal.evaluate_embeddings(GOOD_I, GOOD_T, GOOD_M, device="cuda")
     with pytest.raises(XmodalError, match="choose one of"):
         xmodal.evaluate_embeddings(GOOD_I, GOOD_T, GOOD_M, protocol="coco2k")
+
+
+def test_rank1_changes_counts_and_exact_sign_test():
+    """Won/lost at rank 1 by brute force over queries; p against an enumeration of every
+    outcome of the discordant queries' fair coin flips."""
+    import itertools
+
+    from xmodal.eval.metrics import rank1_changes
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        q = int(rng.integers(1, 30))
+        a, b = rng.integers(-1, 3, q), rng.integers(-1, 3, q)
+        won = sum(1 for x, y in zip(a, b) if x >= 0 and y >= 0 and x != 0 and y == 0)
+        lost = sum(1 for x, y in zip(a, b) if x >= 0 and y >= 0 and x == 0 and y != 0)
+        got = rank1_changes(a, b)
+        assert (got["won"], got["lost"]) == (won, lost)
+        n = won + lost
+        if n > 14:
+            continue
+        # two-sided: outcomes whose split is at least as uneven as the observed one
+        extreme = sum(1 for flips in itertools.product((0, 1), repeat=n)
+                      if abs(2 * sum(flips) - n) >= abs(won - lost))
+        assert got["p"] == pytest.approx(min(1.0, extreme / 2**n))
+    # a clear win and no change
+    assert rank1_changes(np.array([1] * 12), np.array([0] * 12))["p"] == pytest.approx(2 / 2**12)
+    assert rank1_changes(np.array([0, 1]), np.array([0, 1])) == {"won": 0, "lost": 0, "p": 1.0}
+    big = rank1_changes(np.ones(3000, int), np.zeros(3000, int))  # 2**3000 does not overflow
+    assert big["won"] == 3000 and 0.0 <= big["p"] < 1e-300
+    with pytest.raises(DataError, match="3 vs 2 queries"):
+        rank1_changes(np.zeros(3), np.zeros(2))

@@ -267,6 +267,28 @@ def metrics_from_ranks(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray) -> dict[str
     return out
 
 
+def rank1_changes(base_ranks: np.ndarray, new_ranks: np.ndarray, where: str = "ranks") -> dict[str, float]:
+    """How two rankings of the same queries differ at rank 1, with an exact sign test.
+
+    ``won``: queries right first under ``new_ranks`` and not under ``base_ranks``; ``lost``: the
+    reverse (queries with a rank ``< 0`` in either are skipped). ``p``: the two-sided exact
+    sign-test p-value of ``won`` vs ``lost`` (McNemar's exact test on the discordant
+    queries): how often a coin would split ``won + lost`` changes at least this unevenly.
+    An R@1 gain of a few queries with ``p`` well above 0.05 is within what chance moves.
+    """
+    a, b = np.asarray(base_ranks), np.asarray(new_ranks)
+    if a.shape != b.shape:
+        raise DataError(f"{where}: {a.shape[0] if a.ndim else 0} vs {b.shape[0] if b.ndim else 0} queries; "
+                        "rank-1 changes compare two rankings of the same queries")
+    keep = (a >= 0) & (b >= 0)
+    won = int(np.count_nonzero(keep & (a != 0) & (b == 0)))
+    lost = int(np.count_nonzero(keep & (a == 0) & (b != 0)))
+    n = won + lost
+    tail = sum(math.comb(n, i) for i in range(min(won, lost) + 1))
+    p = 1.0 if n == 0 or won == lost else min(1.0, 2 * tail / (1 << n))  # exact for any n
+    return {"won": won, "lost": lost, "p": p}
+
+
 # -------------------------------------------------------------------------------------
 # the embedding engine
 # -------------------------------------------------------------------------------------
