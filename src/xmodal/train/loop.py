@@ -133,10 +133,7 @@ def config_changes(saved_path: Path, cfg: C.Config) -> list[str]:
     The saved file is parsed with today's defaults, so fields added to the config schema after
     the run was saved (at their defaults) do not block ``--resume``.
     """
-    try:
-        saved = C.to_dict(C.from_dict(yaml.safe_load(saved_path.read_text()) or {}))
-    except (OSError, yaml.YAMLError) as exc:
-        raise XmodalError(f"{saved_path}: cannot read the checkpoint's config ({exc})") from exc
+    saved = C.to_dict(C.load_config(saved_path))  # its errors name the file and line
     out: list[str] = []
 
     def walk(a: Any, b: Any, where: str) -> None:
