@@ -38,10 +38,10 @@ import torch
 log = logging.getLogger("aladin_tradeoff")
 
 
-def _split(model, split: str, lang: str | None):
-    from xmodal.train.pipeline import prepare_split
+def _split(run, split: str, lang: str | None):
+    from xmodal.data.pipeline import prepare_split
 
-    cfg = model.xmodal_config
+    cfg, model = run.config, run.model
     return prepare_split(cfg, model, split or cfg.data.test_split, lang or cfg.data.eval_lang, progress=False)
 
 
@@ -115,10 +115,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     data_cache: dict[str, object] = {}
     for name, run_dir, head, k in variants:
-        model = load_run(run_dir, eval_head=head)
+        run = load_run(run_dir, eval_head=head)
+        model = run.model
         key = f"{run_dir}:{head}"
         if key not in data_cache:
-            data_cache[key] = _split(model, args.split, args.lang)
+            data_cache[key] = _split(run, args.split, args.lang)
         data = data_cache[key]
         res = evaluate_split(model, data, protocol=args.protocol, rerank_k=k)
         mode = "two-stage" if k else head

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from xmodal.eval.encode import evaluate_split, first_stage_for
     from xmodal.eval.metrics import rank1_changes
     from xmodal.models import load
-    from xmodal.train.pipeline import prepare_split
+    from xmodal.data.pipeline import prepare_split
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pair", required=True, help="the pair scorer's run folder (ADAPT, ALADIN, a cross-encoder)")
@@ -40,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
 
-    pair, first_model = load(args.pair), load(args.first)
-    cfg = pair.xmodal_config
+    pair_run, first_run = load(args.pair), load(args.first)
+    pair, first_model, cfg = pair_run.model, first_run.model, pair_run.config
     split, lang = args.split or cfg.data.test_split, args.lang or cfg.data.eval_lang
     data = prepare_split(cfg, pair, split, lang, progress=False)
-    first_data = prepare_split(first_model.xmodal_config, first_model, split, lang, progress=False)
+    first_data = prepare_split(first_run.config, first_model, split, lang, progress=False)
     queries = data.dataset.num_texts + data.dataset.num_images
 
     t0 = time.perf_counter()

@@ -195,7 +195,7 @@ def test_shapes_t2i_i2t_and_ensemble():
     img_in, txt_in = make_inputs(ni=3, nt=7)
     members = [bare_model("t2i", seed=1).eval(), bare_model("i2t", seed=2).eval()]
     ens = AdaptEnsemble(members)
-    assert isinstance(ens, PairScorer) and ens.task_name == "pair"
+    assert isinstance(ens, PairScorer) and ens.task_name() == "pair"
     with torch.no_grad():
         scores = {}
         for name, model in (("t2i", members[0]), ("i2t", members[1]), ("ens", ens)):
@@ -236,8 +236,8 @@ def adapt_config(tokenizer_json: str, **args) -> ModelConfig:
 @pytest.mark.parametrize("variant", ["t2i", "i2t"])
 def test_forward_backward_through_the_task(tokenizer_json, variant):
     from xmodal.losses import create_loss
-    from xmodal.train.data import Batch
-    from xmodal.train.task import build_task
+    from xmodal.data.inputs import Batch
+    from xmodal.train.tasks import build_task
 
     assert "adapt" in list_models()
     model = create_model(adapt_config(tokenizer_json, variant=variant))

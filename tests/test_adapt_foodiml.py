@@ -104,9 +104,9 @@ def _brute_force(adapt_run, split_images: list[str], query: str) -> list[str]:
     import torch
 
     from xmodal.models import load
-    from xmodal.search import _pixels
+    from xmodal.search.rerank import _pixels
 
-    model = load(adapt_run)
+    model = load(adapt_run).model
     with torch.inference_mode():
         img = model.encode_image_reps(_pixels(model, split_images, "test"))
         scores = model.score(img, model.encode_text_reps([query]))[:, 0]
@@ -169,7 +169,8 @@ def test_first_stage_errors(catalogue, tmp_path, capsys):
 def test_serve_service_reranks_like_search(runs):
     from xmodal.index import Index
     from xmodal.models import load
-    from xmodal.search import Reranker, load_index_model, search_text
+    from xmodal.search import Reranker, search_text
+    from xmodal.index.build import load_index_run
     from xmodal.serve.app import load_service
 
     index = runs["tmp"] / "test.idx"
@@ -180,7 +181,7 @@ def test_serve_service_reranks_like_search(runs):
     query = "agua mineral bebidas botella 50cl"
     served = service.search_text(query, 4)
     ix = Index.open(index)
-    direct = search_text(ix, load_index_model(ix), query, 4, reranker=Reranker(load(runs["adapt"]), k=21))
+    direct = search_text(ix, load_index_run(ix), query, 4, reranker=Reranker(load(runs["adapt"]), k=21))
     assert [r["id"] for r in served] == [r["id"] for r in direct]
     assert [r["score"] for r in served] == pytest.approx([r["score"] for r in direct])
 
@@ -190,7 +191,8 @@ def test_reranker_fusion_adds_the_index_score(runs):
     from xmodal.errors import XmodalError
     from xmodal.index import Index
     from xmodal.models import load
-    from xmodal.search import Reranker, encode_text_queries, load_index_model, search_text
+    from xmodal.search import Reranker, encode_text_queries, search_text
+    from xmodal.index.build import load_index_run
     from xmodal.serve.app import load_service
 
     index = runs["tmp"] / "test.idx"
@@ -198,7 +200,7 @@ def test_reranker_fusion_adds_the_index_score(runs):
         assert main(["index", str(runs["dual"]), "--data", "split:test", "--out", str(index)]) == 0
     ix = Index.open(index)
     query = "agua mineral bebidas botella 50cl"
-    first, rows = ix.search(encode_text_queries(load_index_model(ix), [query]), 21)
+    first, rows = ix.search(encode_text_queries(load_index_run(ix), [query]), 21)
     adapt = load(runs["adapt"])
     s0, r0 = Reranker(adapt, k=21, fusion=0.0).rerank(ix, query, "text", rows[0], 21)
     s1, r1 = Reranker(adapt, k=21, fusion=2.0).rerank(ix, query, "text", rows[0], 21, first_scores=first[0])
@@ -210,7 +212,7 @@ def test_reranker_fusion_adds_the_index_score(runs):
     with pytest.raises(XmodalError, match="index's scores"):
         Reranker(adapt, k=21, fusion=2.0).rerank(ix, query, "text", rows[0], 21)
     served = load_service(index, rerank=runs["adapt"], rerank_k=21, rerank_fusion=2.0).search_text(query, 4)
-    direct = search_text(ix, load_index_model(ix), query, 4, reranker=Reranker(adapt, k=21, fusion=2.0))
+    direct = search_text(ix, load_index_run(ix), query, 4, reranker=Reranker(adapt, k=21, fusion=2.0))
     assert [r["id"] for r in served] == [r["id"] for r in direct]
     assert [r["score"] for r in direct] == pytest.approx([w for w, _ in want[:4]], abs=1e-5)
 
@@ -232,7 +234,7 @@ def test_ensemble_config_is_evaluated_not_trained(runs, tmp_path, capsys):
     assert "nothing to train" in capsys.readouterr().err
     got = _metrics(capsys, ["eval", str(ens), "--json"])
     assert got == pytest.approx(_metrics(capsys, ["eval", str(runs["adapt"]), "--json"]))
-    assert isinstance(load(ens), AdaptEnsemble)
+    assert isinstance(load(ens).model, AdaptEnsemble) and load(ens).kind == "pair"
 
 
 @pytest.mark.parametrize("name", ["emoji/adapt_ens.yaml", "adapt/coco_precomp_ens.yaml"])
@@ -263,12 +265,13 @@ def test_rerank_sweep_benchmark_runs(runs, tmp_path):
     assert all(r["s_per_query"] > 0 for r in rows)
     from xmodal.eval.encode import evaluate_split, first_stage_for
     from xmodal.models import load
-    from xmodal.train.pipeline import prepare_split
+    from xmodal.data.pipeline import prepare_split
 
-    adapt, dual = load(runs["adapt"]), load(runs["dual"])
-    split = adapt.xmodal_config.data.test_split
-    data = prepare_split(adapt.xmodal_config, adapt, split, adapt.xmodal_config.data.eval_lang, progress=False)
-    ddata = prepare_split(dual.xmodal_config, dual, split, adapt.xmodal_config.data.eval_lang, progress=False)
+    adapt_run, dual_run = load(runs["adapt"]), load(runs["dual"])
+    adapt, dual = adapt_run.model, dual_run.model
+    split = adapt_run.config.data.test_split
+    data = prepare_split(adapt_run.config, adapt, split, adapt_run.config.data.eval_lang, progress=False)
+    ddata = prepare_split(dual_run.config, dual, split, adapt_run.config.data.eval_lang, progress=False)
     want = evaluate_split(adapt, data, rerank_k=3, first_stage=first_stage_for(dual, ddata, data), rerank_fusion=1.0,
                           return_ranks=True)
     assert rows[2]["metrics"] == pytest.approx(want["metrics"])

@@ -256,7 +256,7 @@ def test_train_and_two_stage_evaluation(tmp_path, capsys):
     from train_fixtures import write_synthetic_precomp
     from xmodal.cli import main
     from xmodal.eval.encode import evaluate_split
-    from xmodal.train.pipeline import prepare_split
+    from xmodal.data.pipeline import prepare_split
 
     data = write_synthetic_precomp(tmp_path / "precomp")
     joint = _tiny_config(tmp_path, data, "joint", "{name: aladin, args: {terms: [alignment, distillation], "
@@ -277,9 +277,10 @@ def test_train_and_two_stage_evaluation(tmp_path, capsys):
     assert main(["eval", str(run), "--json", "--rerank-k", "3"]) == 0
     two_stage = json.loads(capsys.readouterr().out)
     # the distilled matching head alone, as an embedding scorer
-    matching = load_run(run, eval_head="matching")
-    assert isinstance(matching, AladinMatching)
-    split = prepare_split(matching.xmodal_config, matching, "test", None, progress=False)
+    matching_run = load_run(run, eval_head="matching")
+    matching = matching_run.model
+    assert isinstance(matching, AladinMatching) and matching_run.kind == "embedding"
+    split = prepare_split(matching_run.config, matching, "test", None, progress=False)
     fast = evaluate_split(matching, split)["metrics"]
     print("exact", exact["rsum"], "two-stage k=3", two_stage["rsum"], "matching", fast["rsum"])
     assert fast["rsum"] > 100  # above chance: the head learnt from the alignment scores
@@ -293,7 +294,7 @@ def test_train_and_two_stage_evaluation(tmp_path, capsys):
                       f", freeze_backbone: true, init_from: {run}, eval_head: matching")
     ft_run = tmp_path / "ft"
     assert main(["train", str(ft), "--out", str(ft_run), "--no-progress", "train.steps=20", "train.eval_every=20"]) == 0
-    a, b = load_run(run, eval_head="alignment"), load_run(ft_run, eval_head="alignment")
+    a, b = load_run(run, eval_head="alignment").model, load_run(ft_run, eval_head="alignment").model
     for k, v in a.state_dict().items():
         if not k.startswith(("matching.", "text_tower.")):
             torch.testing.assert_close(b.state_dict()[k], v, msg=k)

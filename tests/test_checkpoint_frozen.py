@@ -5,7 +5,7 @@ import torch
 
 from xmodal.config import ModelConfig, TowerConfig
 from xmodal.models import create_model
-from xmodal.train.checkpoint import model_state, skipped_prefixes
+from xmodal.models.run import model_state, skipped_prefixes
 
 
 def _model(text: TowerConfig, image: TowerConfig):
@@ -32,7 +32,7 @@ def test_pretrained_frozen_towers_are_left_out_random_ones_saved():
 
 
 def test_frozen_random_tower_reloads_identically(tmp_path):
-    from xmodal.train.checkpoint import _load_model_tensors
+    from xmodal.models.run import load_weights
 
     gru = TowerConfig(name="bigru", args={"word_dim": 4, "out_dim": 8, "tokenizer_json": _tiny_tokenizer()},
                       frozen=True)
@@ -44,7 +44,7 @@ def test_frozen_random_tower_reloads_identically(tmp_path):
     texts = ["a red circle", "blue star"]
     with torch.no_grad():
         assert not torch.allclose(a.encode_text(texts), b.encode_text(texts))
-        _load_model_tensors(b, model_state(a), tmp_path / "model.safetensors")
+        load_weights(b, model_state(a), tmp_path / "model.safetensors")
         torch.testing.assert_close(a.encode_text(texts), b.encode_text(texts))
 
 

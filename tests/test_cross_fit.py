@@ -13,7 +13,7 @@ import torch
 from xmodal.config import load_config
 from xmodal.data.base import GroundTruth, item_folds
 from xmodal.errors import ConfigError
-from xmodal.train.pipeline import holdout_args, load_split
+from xmodal.data.pipeline import holdout_args, load_split
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import write_synthetic_precomp, write_tiny_config  # noqa: E402
@@ -89,8 +89,8 @@ def _cross_fit_task(tmp_path, runs, **loss):
 
     from xmodal.losses import create_loss
     from xmodal.models import create_model
-    from xmodal.train.hard_negatives import HardNegativeTask
-    from xmodal.train.pipeline import prepare_split
+    from xmodal.train.tasks.hard_negatives import HardNegativeTask
+    from xmodal.data.pipeline import prepare_split
 
     torch.manual_seed(0)
     cfg, _ = _tiny_cfg(tmp_path / "ce")
@@ -108,7 +108,7 @@ def test_cross_fit_pools_and_scores_come_from_the_held_out_fold(tmp_path):
     from xmodal.eval.encode import embed_split
     from xmodal.models import load
     from xmodal.train.loop import train
-    from xmodal.train.pipeline import prepare_split
+    from xmodal.data.pipeline import prepare_split
 
     data = write_synthetic_precomp(tmp_path / "data")
     (tmp_path / "ce").mkdir()
@@ -128,7 +128,7 @@ def test_cross_fit_pools_and_scores_come_from_the_held_out_fold(tmp_path):
     size = 9
     for fold, run in enumerate(runs):
         dual = load(run)
-        img, txt = embed_split(dual, prepare_split(dual.xmodal_config, dual, "train", "en", progress=False))
+        img, txt = embed_split(dual.model, prepare_split(dual.config, dual.model, "train", "en", progress=False))
         ti, ii = np.flatnonzero(tf == fold), np.flatnonzero(imf == fold)
         # each fold's rows are its own held-out run's embeddings
         torch.testing.assert_close(task._first["texts"][ti], txt[ti], rtol=0, atol=1e-5)
@@ -145,7 +145,7 @@ def test_cross_fit_pools_and_scores_come_from_the_held_out_fold(tmp_path):
             want = np.sort([sim[t, i] for t in ti if not pos[t, i]])[::-1][:size]
             np.testing.assert_allclose(np.sort(sim[got, i])[::-1], want, rtol=0, atol=1e-5)
     # a training step runs on the cross-fitted pools and fused scores
-    from xmodal.train.data import Batch
+    from xmodal.data.inputs import Batch
 
     ti = np.arange(0, 16, 2)
     losses = task.training_step(Batch(ti, ti // 2, torch.eye(8, dtype=torch.bool), None, None), 0)[0]

@@ -25,17 +25,17 @@ from train_fixtures import write_synthetic_precomp, write_tiny_config
 from xmodal.config import load_config
 from xmodal.data.base import CrossModalDataset, GroundTruth
 from xmodal.errors import ConfigError
-from xmodal.features import FeatureSet, extract_features, extract_features_sharded
+from xmodal.data.features import FeatureSet, extract_features, extract_features_sharded
 from xmodal.index import Index
 from xmodal.losses import create_loss
 from xmodal.models.adapt import Adapt
-from xmodal.models.base import ImageTower, TowerOutput
-from xmodal.search import build_index
-from xmodal.train.data import Batch, BatchOrder
-from xmodal.train.distributed import (DistEnv, GatheringModel, ShardedBatchOrder, data_parallel,
-                                      env_from_environ, session, shard_bounds)
+from xmodal.models.base import EmbeddingScorer, ImageTower, TowerOutput
+from xmodal.index.build import build_index
+from xmodal.data.inputs import Batch, BatchOrder
+from xmodal.distributed import DistEnv, env_from_environ, session, shard_bounds
+from xmodal.train.ddp import GatheringModel, ShardedBatchOrder, data_parallel
 from xmodal.train.loop import train
-from xmodal.train.task import build_task
+from xmodal.train.tasks import build_task
 
 WORLD = 2
 B = 8  # global batch
@@ -46,7 +46,7 @@ LOSSES = [("infonce", {}), ("hinge", {"max_violation": False}), ("hinge", {"max_
           ("triplet", {"intra_modal": True})]
 
 
-class ToyDual(nn.Module):
+class ToyDual(EmbeddingScorer):
     """Two linear encoders (float64, so tolerances can be tight) and a parameter no step uses."""
 
     def __init__(self) -> None:

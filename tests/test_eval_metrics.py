@@ -10,7 +10,7 @@ import torch
 import xmodal
 from xmodal.data.base import GroundTruth
 from xmodal.errors import ConfigError, DataError, XmodalError
-from xmodal.eval.metrics import (METRIC_KEYS, _ranks_prepared, metrics_from_ranks, prepare_inputs,
+from xmodal.eval.metrics import (METRIC_KEYS, ranks_prepared, metrics_from_ranks, prepare_inputs,
                                  ranks_from_embeddings, ranks_from_score_blocks, ranks_from_scores)
 
 
@@ -182,13 +182,13 @@ def test_fallbacks_and_counting_modes_are_exact(kw, sizes, caplog):
         txt = rng.standard_normal((m, 40)).astype(np.float32)
     mapping = rng.integers(0, n, m)
     i, t, gt = prepare_inputs(img, txt, mapping)
-    want = _ranks_prepared(i, t, gt, 16)
+    want = ranks_prepared(i, t, gt, 16)
     if "error_factor" not in kw:  # exact integer scores: the naive reference applies directly
         ref = naive_ranks(img.astype(np.float64) @ txt.astype(np.float64).T, dense(gt))
         np.testing.assert_array_equal(want[0], ref[0])
         np.testing.assert_array_equal(want[1], ref[1])
     with caplog.at_level(logging.INFO, logger="xmodal.eval.metrics"):
-        got = _ranks_prepared(i, t, gt, 16, **kw)
+        got = ranks_prepared(i, t, gt, 16, **kw)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
     assert ("second" in caplog.text) == (kw != {"counting": "mask_sum"})
@@ -215,7 +215,7 @@ def test_bf16_close_to_fp32_on_separated_data():
     np.testing.assert_array_equal(got[0], ref[0])
     np.testing.assert_array_equal(got[1], ref[1])
     i, t, gt = prepare_inputs(img, txt, mapping, dtype="bf16")
-    got = _ranks_prepared(i, t, gt, 128, counting="mask_sum")  # the GPU counting path
+    got = ranks_prepared(i, t, gt, 128, counting="mask_sum")  # the GPU counting path
     np.testing.assert_array_equal(got[0], ref[0])
     np.testing.assert_array_equal(got[1], ref[1])
 

@@ -21,8 +21,7 @@ from image_fixtures import (write_corrupt_png, write_not_image, write_ok, write_
 from xmodal.data.base import DATASETS, CrossModalDataset, GroundTruth
 from xmodal.data.images import ImageLoadError
 from xmodal.errors import ConfigError, DataError, XmodalError
-from xmodal.features import (FeatureSet, apply_valid, cache_key, cached_features, default_cache_root,
-                             extract_features)
+from xmodal.data.features import (FeatureSet, apply_valid, cache_key, cached_features, default_cache_root, extract_features)
 from xmodal.models.base import IMAGE_TOWERS, ImageTower, TowerOutput
 
 TESTS = Path(__file__).parent
@@ -155,7 +154,7 @@ def test_thread_pool_gives_identical_bytes(tmp_path):
 # ----------------------------------------------------------------------------- bad images
 def test_bad_images_are_skipped_and_reported(tmp_path, caplog):
     ds = mixed_dataset(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="xmodal.features"):
+    with caplog.at_level(logging.WARNING, logger="xmodal.data.features"):
         fs = extract_features(ds, FakePixelTower(), tmp_path / "feat", tower_spec=SPEC, batch_size=4,
                               num_workers=1, progress=False)
     bad_idx = [k for k, p in enumerate(ds.image_paths) if p in BAD]
@@ -306,7 +305,7 @@ def test_complete_folder_is_reused_or_refused(tmp_path):
 
 
 def test_crash_while_moving_files_into_place_recovers(tmp_path, monkeypatch):
-    import xmodal.features as features
+    import xmodal.data.features as features
 
     ds = good_dataset(tmp_path, n=5)
     out = tmp_path / "f"

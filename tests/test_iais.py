@@ -18,7 +18,7 @@ from torch import nn
 from xmodal.errors import ConfigError
 from xmodal.losses.relation import (IaisLoss, distributed_alignment, ranking_hinge, relation_maps,
                                     singular_alignment, symmetric_kl, tsa_threshold)
-from xmodal.train.hard_negatives import hardest, sample_negatives
+from xmodal.train.tasks.hard_negatives import hardest, sample_negatives
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import write_synthetic_precomp, write_tiny_config  # noqa: E402
@@ -293,9 +293,9 @@ def test_selection_keeps_the_pools_hardest(tmp_path):
     """The task's graded negatives are the k best-scored of the pool it scored without grad."""
     from xmodal.losses import create_loss
     from xmodal.models import create_model
-    from xmodal.train.hard_negatives import HardNegativeTask
-    from xmodal.train.data import Batch
-    from xmodal.train.pipeline import prepare_split
+    from xmodal.train.tasks.hard_negatives import HardNegativeTask
+    from xmodal.data.inputs import Batch
+    from xmodal.data.pipeline import prepare_split
 
     torch.manual_seed(0)
     cfg, _ = _tiny_cfg(tmp_path)
@@ -329,7 +329,7 @@ def test_tiny_end_to_end_train_and_two_stage(tmp_path):
     from xmodal.eval.encode import evaluate_split, first_stage_for
     from xmodal.models import load
     from xmodal.train.loop import train
-    from xmodal.train.pipeline import prepare_split
+    from xmodal.data.pipeline import prepare_split
     from xmodal.config import load_config
 
     # a first stage: the tiny dual encoder of the training tests
@@ -343,11 +343,11 @@ def test_tiny_end_to_end_train_and_two_stage(tmp_path):
     logs = (tmp_path / "ce" / "metrics.jsonl").read_text().splitlines()
     assert any('"iais_loss"' in line for line in logs)
     assert summary["best_val"]["rsum"] > 0
-    ce = load(tmp_path / "ce")
+    ce_run, dual_run = load(tmp_path / "ce"), load(tmp_path / "dual")
+    ce, dual = ce_run.model, dual_run.model
     assert ce.first_stage is not None  # rebuilt from its run folder, not saved in the checkpoint
-    dual = load(tmp_path / "dual")
-    split = prepare_split(ce.xmodal_config, ce, "test", "en", progress=False)
-    first = first_stage_for(dual, prepare_split(dual.xmodal_config, dual, "test", "en", progress=False), split)
+    split = prepare_split(ce_run.config, ce, "test", "en", progress=False)
+    first = first_stage_for(dual, prepare_split(dual_run.config, dual, "test", "en", progress=False), split)
     two = evaluate_split(ce, split, rerank_k=5, first_stage=first)["metrics"]
     n = split.dataset.num_texts
     exact_k = evaluate_split(ce, split, rerank_k=n, first_stage=first)["metrics"]
@@ -368,9 +368,9 @@ def test_fits_a_fixed_batch(tmp_path):
     """Gradients reach every part: on one repeated batch the positives overtake their hard negatives."""
     from xmodal.losses import create_loss
     from xmodal.models import create_model
-    from xmodal.train.data import Batch
-    from xmodal.train.hard_negatives import HardNegativeTask
-    from xmodal.train.pipeline import prepare_split
+    from xmodal.data.inputs import Batch
+    from xmodal.train.tasks.hard_negatives import HardNegativeTask
+    from xmodal.data.pipeline import prepare_split
 
     torch.manual_seed(0)
     cfg, _ = _tiny_cfg(tmp_path, alignment="distributed")
@@ -403,12 +403,12 @@ def test_tiny_cross_encoder_learns_in_the_loop(tmp_path):
     from xmodal.eval.encode import evaluate_split
     from xmodal.models import load
     from xmodal.train.loop import train
-    from xmodal.train.pipeline import prepare_split
+    from xmodal.data.pipeline import prepare_split
 
     cfg, _ = _tiny_cfg(tmp_path, alignment="none", steps=150, random_steps=100, extra="eval: {rerank_k: 0}")
     train(cfg, tmp_path / "ce", progress=False)
     ce = load(tmp_path / "ce")
-    m = evaluate_split(ce, prepare_split(ce.xmodal_config, ce, "test", "en", progress=False), rerank_k=0)["metrics"]
+    m = evaluate_split(ce.model, prepare_split(ce.config, ce.model, "test", "en", progress=False), rerank_k=0)["metrics"]
     assert m["rsum"] > 160, m  # seed 0 reaches ~340; twice chance leaves room for platform noise
 
 
@@ -437,9 +437,9 @@ def test_random_warm_start_skips_mining_and_alignment(tmp_path):
     """Before ``random_steps``: no pool scoring, the pool's first k negatives, no IAIS term."""
     from xmodal.losses import create_loss
     from xmodal.models import create_model
-    from xmodal.train.data import Batch
-    from xmodal.train.hard_negatives import HardNegativeTask
-    from xmodal.train.pipeline import prepare_split
+    from xmodal.data.inputs import Batch
+    from xmodal.train.tasks.hard_negatives import HardNegativeTask
+    from xmodal.data.pipeline import prepare_split
 
     torch.manual_seed(0)
     cfg, _ = _tiny_cfg(tmp_path, alignment="singular", random_steps=2)
@@ -478,10 +478,10 @@ def test_first_stage_pool_is_its_nearest_non_positives(tmp_path):
     from xmodal.eval.encode import embed_split
     from xmodal.losses import create_loss
     from xmodal.models import create_model, load
-    from xmodal.train.data import Batch
-    from xmodal.train.hard_negatives import HardNegativeTask
+    from xmodal.data.inputs import Batch
+    from xmodal.train.tasks.hard_negatives import HardNegativeTask
     from xmodal.train.loop import train
-    from xmodal.train.pipeline import prepare_split
+    from xmodal.data.pipeline import prepare_split
 
     data = write_synthetic_precomp(tmp_path / "data")
     train(load_config(write_tiny_config(tmp_path / "dual.yaml", data, steps=5, extra="")), tmp_path / "dual",
@@ -496,7 +496,7 @@ def test_first_stage_pool_is_its_nearest_non_positives(tmp_path):
     task.attach_split(cfg, split)
 
     dual = load(tmp_path / "dual")
-    img, txt = embed_split(dual, prepare_split(dual.xmodal_config, dual, "train", "en", progress=False))
+    img, txt = embed_split(dual.model, prepare_split(dual.config, dual.model, "train", "en", progress=False))
     sim = (img @ txt.T).numpy()  # (N, M)
     pos = split.dataset.gt.dense().T  # (N, M) image i is a positive of text t
     size = cfg.loss.args["negatives"]
@@ -542,7 +542,7 @@ def test_init_from_starts_from_a_finished_run(tmp_path):
     torch.manual_seed(0)
     cfg, _ = _tiny_cfg(tmp_path, steps=3, random_steps=3)
     train(cfg, tmp_path / "warm", progress=False)
-    warm = load(tmp_path / "warm")
+    warm = load(tmp_path / "warm").model
     torch.manual_seed(1)
     cfg.model.args["init_from"] = str(tmp_path / "warm")
     fresh = create_model(cfg.model)
@@ -597,10 +597,10 @@ def test_fused_training_score_adds_the_centred_first_stage(tmp_path):
     from xmodal.config import load_config
     from xmodal.losses import create_loss
     from xmodal.models import create_model
-    from xmodal.train.data import Batch
-    from xmodal.train.hard_negatives import HardNegativeTask
+    from xmodal.data.inputs import Batch
+    from xmodal.train.tasks.hard_negatives import HardNegativeTask
     from xmodal.train.loop import train
-    from xmodal.train.pipeline import prepare_split
+    from xmodal.data.pipeline import prepare_split
 
     data = write_synthetic_precomp(tmp_path / "data")
     train(load_config(write_tiny_config(tmp_path / "dual.yaml", data, steps=5)), tmp_path / "dual", progress=False)

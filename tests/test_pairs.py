@@ -9,7 +9,8 @@ import torch
 
 from xmodal.data.base import CrossModalDataset, GroundTruth
 from xmodal.errors import ConfigError
-from xmodal.eval.metrics import evaluate_embeddings, metrics_from_ranks
+from xmodal.eval.protocols import evaluate_embeddings
+from xmodal.eval.metrics import metrics_from_ranks
 from xmodal.eval.pairs import (concat_reps, evaluate_pair_scorer, exact_ranks, score_matrix_blocks, take_reps,
                                two_stage_ranks)
 from xmodal.models.adapt import Adapt
@@ -41,8 +42,10 @@ class DotScorer(PairScorer):
     def __init__(self, with_pairs: bool = True) -> None:
         super().__init__()
         self.calls = 0
-        if not with_pairs:
-            self.score_pairs = None  # exercise the per-image fallback
+        self.with_pairs = with_pairs  # False: exercise the per-image fallback
+
+    def has_score_pairs(self) -> bool:
+        return self.with_pairs
 
     def encode_image_reps(self, images):
         return images
@@ -54,7 +57,7 @@ class DotScorer(PairScorer):
         self.calls += 1
         return img @ txt.T
 
-    def score_pairs(self, img, txt, ii, tt):  # noqa: F811 - may be hidden per instance
+    def score_pairs(self, img, txt, ii, tt):
         return (img[ii] * txt[tt]).sum(1)
 
 

@@ -15,7 +15,8 @@ import pytest
 
 from train_fixtures import write_synthetic_precomp, write_tiny_config
 from xmodal.cli import main
-from xmodal.search import parse_data_spec, progress_path
+from xmodal.index.build import parse_data_spec
+from xmodal.search import progress_path
 
 COLORS = ["red", "green", "blue", "yellow", "black", "white", "pink", "brown"]
 SHAPES = ["circle", "square", "star", "heart", "cross", "ring", "arrow", "moon"]
@@ -99,7 +100,9 @@ def test_index_then_search_text(run_dir, image_index, capsys):
     # the Python API gives the same ranking
     import xmodal
 
-    model = xmodal.load(run_dir)
+    run = xmodal.load(run_dir)
+    assert run.kind == "embedding" and run.step is not None and run.path == Path(run_dir)
+    model = run.model
     index = xmodal.Index.open(image_index)
     scores, rows = index.search(model.encode_text([caps[0]]), k=5)
     rc, out, _ = _cli(capsys, "search", image_index, caps[0], "-k", 5, "--json")

@@ -79,7 +79,8 @@ def test_page_health_info_openapi(client):
 
 def test_text_search_matches_library(client, fx):
     from xmodal.index import Index
-    from xmodal.search import load_index_model, search_text
+    from xmodal.index.build import load_index_run
+    from xmodal.search import search_text
 
     resp = client.get("/api/search", params={"q": "  a blue picture ", "k": 5})
     assert resp.status_code == 200
@@ -92,7 +93,7 @@ def test_text_search_matches_library(client, fx):
     # server file-system paths are not sent to clients
     assert all("path" not in r and "folder" not in r for r in res)
     index = Index.open(fx["index"])
-    lib = search_text(index, load_index_model(index), "a blue picture", 5)
+    lib = search_text(index, load_index_run(index), "a blue picture", 5)
     assert [r["id"] for r in res] == [r["id"] for r in lib]
     assert [r["score"] for r in res] == pytest.approx([r["score"] for r in lib], abs=1e-5)
     # k above the index size is capped at it
@@ -208,10 +209,10 @@ def test_thumb_refuses_paths_outside_the_indexed_root(fx, tmp_path):
     from xmodal.index import Index
 
     index = Index.open(idx, verify=False)
-    from xmodal.search import load_index_model
+    from xmodal.index.build import load_index_run
     from xmodal.serve import SearchService
 
-    service = SearchService(index, load_index_model(index), image_root=fx["imgs"])
+    service = SearchService(index, load_index_run(index), image_root=fx["imgs"])
     with TestClient(create_app(service)) as c:
         _error(c.get("/api/thumb/0"), 403, "outside the indexed image folder")
         assert c.get("/api/thumb/1").status_code == 200
@@ -263,10 +264,10 @@ def test_emoji_thumbnails(fx, tmp_path):
 
     from xmodal.data import emoji
     from xmodal.index import Index
-    from xmodal.search import load_index_model
+    from xmodal.index.build import load_index_run
     from xmodal.serve import SearchService
 
-    model = load_index_model(Index.open(fx["index"]))
+    model = load_index_run(Index.open(fx["index"]))
     base = str(emoji.default_path())
     meta = [{"dataset": "emoji", "split": "test", "image_id": "google/1F642", "path": f"{base}/emoji:/google/1f642"},
             {"dataset": "emoji", "split": "test", "image_id": "google/ZZZZ", "path": f"{base}/emoji:/google/zzzz"}]

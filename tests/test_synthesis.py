@@ -91,8 +91,9 @@ def _tiny_cfg(**kw) -> SynthesisConfig:
 def test_retrieval_term_reaches_the_generator_not_the_tower(runs):
     from xmodal.models import load
 
-    model = load(runs[0]).eval().requires_grad_(False)
-    cond = prepare_conditions(model, "train", None)
+    run = load(runs[0])
+    model = run.model.eval().requires_grad_(False)
+    cond = prepare_conditions(run, "train", None)
     G = ConditionalGenerator(cond.image_emb.shape[1], z_dim=8, cond_dim=8, base=8)
     e = cond.image_emb[:6].clone()  # conditions are inference tensors: a plain copy for autograd
     fake, _, _ = G(e, torch.randn(6, 8), torch.randn(6, 8))
@@ -130,8 +131,9 @@ def test_retrieval_term_improves_own_tower_retrieval(runs):
     """
     from xmodal.models import load
 
-    model = load(runs[0]).eval().requires_grad_(False)
-    cond = prepare_conditions(model, "train", None)
+    run = load(runs[0])
+    model = run.model.eval().requires_grad_(False)
+    cond = prepare_conditions(run, "train", None)
     _, first = np.unique(np.asarray(cond.dataset.captions), return_index=True)
     txt = cond.text_emb[first].clone()  # (12, D): one caption per concept
     same = torch.eye(len(txt), dtype=torch.bool)

@@ -15,7 +15,7 @@ from xmodal.data.translations import (FileTranslator, TranslationRow, augment_da
                                       make_translations, read_translations, write_translations)
 from xmodal.errors import DataError
 from xmodal.models.text.multifield import MultiFieldTextTower
-from xmodal.train.data import BatchOrder, GroupedGroundTruth, TextGroups
+from xmodal.data.inputs import BatchOrder, GroupedGroundTruth, TextGroups
 
 
 # multi-field tower ---------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_train_options_translations_reach_the_training_split(tmp_path):
     path = write_translations([TranslationRow("1F600/en/label", "de", "grinsendes Gesicht"),
                                TranslationRow("1F600/en/label", "en", "smiling face with grin", via="de")],
                               tmp_path / "t.csv")
-    from xmodal.train.pipeline import load_split
+    from xmodal.data.pipeline import load_split
 
     cfg = load_config(None, ["data.train_lang=en", f"data.train_options={{translations: {path}, sample_lang: true}}"])
     ds = load_split(cfg, "train", "en", training=True)

@@ -4,17 +4,18 @@ Public API (imported lazily so that ``import xmodal`` stays cheap):
 
 - :func:`evaluate_embeddings` - exact streaming Recall@K / medR / meanR / rsum.
 - :func:`load_dataset`, :func:`list_formats` - every dataset format on one model.
-- :func:`create_model`, :func:`list_models`, :func:`load` - models (training-core issue).
+- :func:`create_model`, :func:`list_models`, :func:`load` - models; ``load(RUN)`` returns a
+  :class:`~xmodal.models.run.Run` (model, config, path, step, kind).
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _LAZY = {
-    "evaluate_embeddings": "xmodal.eval.metrics",
+    "evaluate_embeddings": "xmodal.eval.protocols",
     "load_dataset": "xmodal.data.base",
     "list_formats": "xmodal.data.base",
     "CrossModalDataset": "xmodal.data.base",
@@ -23,6 +24,7 @@ _LAZY = {
     "create_model": "xmodal.models",
     "list_models": "xmodal.models",
     "load": "xmodal.models",
+    "Run": "xmodal.models.run",
     "Index": "xmodal.index",
 }
 

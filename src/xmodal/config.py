@@ -5,9 +5,14 @@ first, then the file's own keys, then command-line overrides such as ``optim.lr=
 Every key is checked against the dataclass tree: an unknown key is an error naming the key
 and the valid ones, a value of the wrong type is an error naming the field. The resolved
 config is saved beside every run and checkpoint (:func:`to_dict`, :func:`save`).
+
+``model.args`` and ``loss.args`` stay free mappings here: each model type and each loss
+declares a dataclass of its own arguments (``xmodal.models.base.MODEL_ARGS``,
+``xmodal.losses.LOSS_ARGS``) and its builder checks them with :func:`parse_args`.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import os
@@ -15,11 +20,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from .errors import ConfigError
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -317,3 +324,141 @@ def config_hash(cfg: Any) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------
+# typed keyword arguments (``model.args``, ``loss.args``): one dataclass per model / loss
+# ------------------------------------------------------------------------------------------
+_WORDS = {bool: ("true/false", "true/false values"), int: ("an integer", "integers"),
+          float: ("a number", "numbers"), str: ("a string", "strings"), dict: ("a mapping", "mappings"),
+          list: ("a list", "lists"), tuple: ("a list", "lists"), type(None): ("null", "nulls")}
+_SEQUENCES = (list, tuple, collections.abc.Sequence)
+
+
+class _Mismatch(Exception):
+    """A value that does not have the annotated type (caught and worded per field)."""
+
+
+def describe_type(tp: Any, plural: bool = False) -> str:
+    """Words for an annotation: ``int | None`` -> ``an integer or null``, ``list[str]`` ->
+    ``a list of strings``, ``Literal["a", "b"]`` -> ``one of a, b``."""
+    origin, params = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(str(p) for p in params)
+    if origin in (typing.Union, types.UnionType):
+        if int in params and float in params:  # a number includes the integers
+            params = tuple(p for p in params if p is not int)
+        words = [describe_type(p, plural) for p in params if p is not type(None)]
+        if type(None) in params:
+            words.append("null")
+        return " or ".join(words)
+    if origin in _SEQUENCES or tp in (list, tuple):
+        item = params[0] if params else Any
+        if item is Any:
+            return _WORDS[list][plural]
+        return ("lists" if plural else "a list") + " of " + describe_type(item, plural=True)
+    if origin is dict:
+        return _WORDS[dict][plural]
+    if tp in _WORDS:
+        return _WORDS[tp][plural]
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(value: Any, tp: Any) -> Any:
+    """``value`` as the annotation ``tp`` asks (ints widened to float, lists to tuples where the
+    field is a tuple), or :class:`_Mismatch`. A bool is not a number; a number is not a string."""
+    origin, params = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object:
+        return value
+    if origin is typing.Literal:
+        for choice in params:
+            if type(value) is type(choice) and value == choice:
+                return value
+        raise _Mismatch
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in params:
+            return None
+        for option in params:
+            if option is not type(None):
+                try:
+                    return _check_value(value, option)
+                except _Mismatch:
+                    pass
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Mismatch
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Mismatch
+        return float(value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return {k: _check_value(v, params[1]) for k, v in value.items()} if params else dict(value)
+    if tp in (list, tuple) or origin in _SEQUENCES:
+        return _check_sequence(value, tp, origin, params)
+    raise TypeError(f"parse_args: unsupported annotation {tp!r}")
+
+
+def _check_sequence(value: Any, tp: Any, origin: Any, params: tuple) -> Any:
+    if not isinstance(value, (list, tuple)):
+        raise _Mismatch
+    if origin is tuple and params and params[-1] is not Ellipsis:  # tuple[int, int]: fixed length
+        if len(value) != len(params):
+            raise _Mismatch
+        return tuple(_check_value(v, p) for v, p in zip(value, params))
+    item = params[0] if params else Any
+    items = [_check_value(v, item) for v in value]
+    return tuple(items) if tuple in (tp, origin) else items
+
+
+def check_arg(value: Any, tp: Any, where: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (see :func:`parse_args`); else a
+    :class:`ConfigError` ``"<where>: expected <type words>, got <value>"``."""
+    try:
+        return _check_value(value, tp)
+    except _Mismatch:
+        raise ConfigError(f"{where}: expected {describe_type(tp)}, got {value!r}") from None
+
+
+def parse_args(cls: type[_T], mapping: Any, where: str, what: str = "") -> _T:
+    """An instance of the dataclass ``cls`` from the keyword arguments in ``mapping`` (a model's
+    ``model.args``, a loss's ``loss.args``; ``where`` is that dotted prefix for messages, ``what``
+    e.g. ``model type adapt``). Keys missing from ``mapping`` keep the field defaults.
+
+    An unknown key is a :class:`ConfigError` naming ``<where>.<key>`` and the valid keys; a value
+    whose type is not the field's annotation (``bool``, ``int``, ``float`` (ints accepted),
+    ``str``, ``list[X]`` / ``tuple[X, ...]``, ``dict``, ``X | None``, ``Literal[...]`` for
+    choices) one naming ``<where>.<key>``, the type expected and the value. A bool is not a
+    number, a number is not a string.
+    """
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {mapping!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in mapping.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{where}.{key}'{' for ' + what if what else ''}; "
+                              f"valid keys: {', '.join(names) or '(none)'}")
+        kwargs[key] = check_arg(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def args_dict(args: Any) -> dict[str, Any]:
+    """The fields of an args dataclass instance as keyword arguments (shallow: values as they are)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}

@@ -49,7 +49,7 @@ def query_examples(ds, image_emb: torch.Tensor, text_emb: torch.Tensor, text_idx
     return out
 
 
-def write_run_report(out_dir: str | Path, model, split, result: dict, *, title: str,
+def write_run_report(out_dir: str | Path, run: Any, split: Any, result: dict, *, title: str,
                      extra: dict | None = None, num_queries: int = 12, seed: int = 0) -> dict:
     """metrics.json + report.html + PNGs for an evaluated split."""
     from .eval.report import write_report
@@ -77,9 +77,9 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, overrides: t
     from .eval.encode import evaluate_split
     from .eval.report import print_metrics
     from .models import load
-    from .train.checkpoint import latest_checkpoint
+    from .models.run import latest_checkpoint
     from .train.loop import train
-    from .train.pipeline import prepare_split
+    from .data.pipeline import prepare_split
 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
@@ -101,11 +101,12 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, overrides: t
     else:
         train(cfg, run_dir, resume=latest_checkpoint(run_dir) is not None if run_dir.exists() else False,
               progress=progress, console=console)
-    model = load(run_dir)
+    run = load(run_dir)
+    model = run.model
     test = prepare_split(cfg, model, cfg.data.test_split, cfg.data.eval_lang, progress=progress)
     res = evaluate_split(model, test, protocol="full", block_size=cfg.eval.block_size, return_ranks=True)
     elapsed = time.perf_counter() - t0
-    files = write_run_report(out, model, test, res, title="xmodal demo: emoji test split, English labels",
+    files = write_run_report(out, run, test, res, title="xmodal demo: emoji test split, English labels",
                              extra={"config": cfg.name, "train captions": cfg.data.train_lang,
                                     "test": test.dataset.summary(), "total seconds": f"{elapsed:.0f}"})
     print_metrics(res["metrics"], console=console, title=f"emoji test split ({test.dataset.num_texts} English "

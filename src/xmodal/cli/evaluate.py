@@ -30,10 +30,10 @@ def _args(p) -> None:
 def run(args) -> int:
     from ..eval.encode import evaluate_split
     from ..models import load
-    from ..train.pipeline import prepare_split
+    from ..data.pipeline import prepare_split
 
-    model = load(args.run, checkpoint=args.checkpoint)
-    cfg = model.xmodal_config
+    run_ = load(args.run, checkpoint=args.checkpoint)
+    model, cfg = run_.model, run_.config
     split = args.split or cfg.data.test_split
     lang = args.lang or cfg.data.eval_lang
     progress = sys.stderr.isatty() and not args.json
@@ -46,9 +46,9 @@ def run(args) -> int:
 
         if not rerank_k:
             raise XmodalError("--first-stage shortlists for a re-ranker: give --rerank-k K (e.g. 100)")
-        first_model = load(args.first_stage)
-        first_data = prepare_split(first_model.xmodal_config, first_model, split, lang, progress=progress)
-        first = first_stage_for(first_model, first_data, data, progress=progress)
+        first_run = load(args.first_stage)
+        first_data = prepare_split(first_run.config, first_run.model, split, lang, progress=progress)
+        first = first_stage_for(first_run.model, first_data, data, progress=progress)
     res = evaluate_split(model, data, protocol=args.protocol or cfg.eval.protocol,
                          block_size=cfg.eval.block_size, progress=progress, return_ranks=bool(args.report),
                          rerank_k=rerank_k, first_stage=first,
@@ -57,7 +57,7 @@ def run(args) -> int:
     if args.report:
         from ..demo import write_run_report
 
-        write_run_report(args.report, model, data, res, title=f"xmodal eval {args.run} ({split}, {lang})")
+        write_run_report(args.report, run_, data, res, title=f"xmodal eval {args.run} ({split}, {lang})")
     if args.json:
         print(json.dumps(metrics))
     else:

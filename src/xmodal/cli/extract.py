@@ -82,8 +82,8 @@ def _args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data.base import load_dataset
     from ..data.images import DEFAULT_MAX_PIXELS
-    from ..features import extract_features, extract_features_sharded
-    from ..train.distributed import env_from_environ, session
+    from ..data.features import extract_features, extract_features_sharded
+    from ..distributed import env_from_environ, session
 
     dataset = load_dataset(args.format, args.path, args.split, **_key_values(args.data_arg, "--data-arg"))
     tower_kwargs = _key_values(args.tower_arg, "--tower-arg")

@@ -34,8 +34,8 @@ def _args(p) -> None:
 @command("index", help="encode a collection with a trained run into a searchable index folder")
 @arguments(_args)
 def run(args) -> int:
-    from ..search import build_index
-    from ..train.distributed import env_from_environ, session
+    from ..index.build import build_index
+    from ..distributed import env_from_environ, session
 
     progress = sys.stderr.isatty() and not args.no_progress
     options = dict(modality=args.modality, backend=args.backend, add=args.add, batch_size=args.batch_size,

@@ -27,7 +27,8 @@ def run(args) -> int:
 
     from ..errors import where, XmodalError
     from ..index import Index
-    from ..search import check_k, load_index_model, retrieve_corpus
+    from ..search import check_k, retrieve_corpus
+    from ..index.build import load_index_run
 
     if not Path(args.corpus).is_file():
         raise XmodalError(f"{where(args.corpus)}no such corpus file")
@@ -38,9 +39,9 @@ def run(args) -> int:
     if index.modality != "image":
         print(f"note: {index.path} is a {index.modality} index: retrieving {index.modality}s per sentence",
               file=sys.stderr)
-    model = load_index_model(index, args.run)
+    run_ = load_index_run(index, args.run)
     progress = sys.stderr.isatty() and not args.no_progress
-    summary = retrieve_corpus(index, model, args.corpus, args.out, k=args.k, batch_size=args.batch_size,
+    summary = retrieve_corpus(index, run_, args.corpus, args.out, k=args.k, batch_size=args.batch_size,
                               overwrite=args.overwrite, progress=progress)
     if args.json:
         print(json.dumps(summary))

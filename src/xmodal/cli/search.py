@@ -39,7 +39,8 @@ def _label(rec: dict) -> str:
 def run(args) -> int:
     from ..errors import XmodalError
     from ..index import Index
-    from ..search import Reranker, check_k, load_index_model, search_image, search_text
+    from ..search import Reranker, check_k, search_image, search_text
+    from ..index.build import load_index_run
 
     if args.query is not None and args.image is not None:
         raise XmodalError("give a query text or --image, not both")
@@ -54,17 +55,17 @@ def run(args) -> int:
     index = Index.open(args.index)
     check_k(args.k, index)
     query_modality = "image" if args.image is not None else "text"
-    model = load_index_model(index, args.run)
+    run_ = load_index_run(index, args.run)
     reranker = None
     if args.rerank is not None:
         from ..models import load
 
         reranker = Reranker(load(args.rerank), k=args.rerank_k, fusion=args.rerank_fusion)
     if args.image is not None:
-        results = search_image(index, model, args.image, args.k, reranker=reranker)
+        results = search_image(index, run_, args.image, args.k, reranker=reranker)
         query = {"image": args.image}
     else:
-        results = search_text(index, model, args.query, args.k, reranker=reranker)
+        results = search_text(index, run_, args.query, args.k, reranker=reranker)
         query = args.query
     if index.modality == query_modality:
         # same-modality search is well defined (nearest neighbours in the shared space), but

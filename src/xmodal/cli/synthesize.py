@@ -42,9 +42,9 @@ def run(args) -> int:
         else:
             from rich.console import Console
 
-            from .train_synthesis import _print_eval
+            from .train_synthesis import print_eval
 
-            _print_eval(Console(), res)
+            print_eval(Console(), res)
         return 0
     if args.judge:
         raise XmodalError("--judge goes with --evaluate")
@@ -63,7 +63,7 @@ def run(args) -> int:
     from ..utils import atomic_write
 
     G, info = load_synthesizer(args.syn)
-    model = load(info["run"])
+    model = load(info["run"]).model
     with torch.inference_mode():
         if args.image is not None:
             from ..data.images import open_image

@@ -24,7 +24,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from ..config import load_config
-    from ..train.distributed import env_from_environ
+    from ..distributed import env_from_environ
     from ..train.loop import train
 
     cfg = load_config(args.config, args.overrides)

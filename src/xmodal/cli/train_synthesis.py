@@ -59,12 +59,12 @@ def run(args) -> int:
 
         res = evaluate_synthesis(args.out, grid=args.grid, judge=args.judge, progress=progress)
         atomic_write_json(Path(args.out) / "eval.json", res)
-        _print_eval(console, res)
+        print_eval(console, res)
     console.print(f'next:    xmodal synthesize {args.out} "a red apple" --out apple.png')
     return 0
 
 
-def _print_eval(console, res: dict) -> None:
+def print_eval(console, res: dict) -> None:
     console.print(f"image -> caption retrieval on {res['split']} ({res['lang']}, {res['captions']} captions):")
     for name in ("synthesized", "real"):
         m = res[name]

@@ -333,9 +333,8 @@ DATASETS: Registry[CrossModalDataset] = Registry("dataset format")
 
 
 def load_dataset(fmt: str, path: str | Path, split: str, **options) -> CrossModalDataset:
-    """Read one split of a dataset in the named format."""
-    from . import _load_readers  # noqa: F401  (registers every reader)
-
+    """Read one split of a dataset in the named format (readers register when
+    :mod:`xmodal.data` is imported, which importing this module does first)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
@@ -343,8 +342,7 @@ def load_dataset(fmt: str, path: str | Path, split: str, **options) -> CrossModa
 
 
 def list_formats() -> list[str]:
-    from . import _load_readers  # noqa: F401
-
+    """The registered dataset formats (``data.format`` in a config)."""
     return DATASETS.names()
 
 

@@ -30,7 +30,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 SAFE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "ICO", "MPO", "AVIF")
 
 # ``warnings.catch_warnings`` swaps module-global state; serialise it so that decoder
-# threads (see xmodal.features) cannot leave each other's filters installed.
+# threads (see xmodal.data.features) cannot leave each other's filters installed.
 _WARN_LOCK = threading.Lock()
 
 # Pillow errors that mean "the bytes are bad", as opposed to a bug in our code.

@@ -11,6 +11,7 @@ image are dropped, as im2recipe does.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,32 @@ def read(path: str | Path, split: str, *, image_root: str | Path | None = None,
     l1, l2 = _layer_paths(Path(path), layer1, layer2)
     partition = _SPLIT_ALIASES.get(split, split)
 
+    images_of = _read_images_of(l2)
+    r = _read_recipes(l1, partition, images_of, first_image_only)
+    if not r.text_ids:
+        have = ", ".join(sorted(r.present)) or "(none)"
+        raise DataError(f"{l1}: no recipes with images in partition {partition!r}; partitions present: {have}")
+    if r.dropped:
+        logger.info("recipe1m/%s: dropped %d recipes without images (kept %d)", partition, r.dropped,
+                    len(r.text_ids))
+
+    root = resolve_root(image_root, l1.parent)
+    return CrossModalDataset(
+        name="recipe1m",
+        split=split,
+        image_ids=r.image_ids,
+        text_ids=r.text_ids,
+        captions=r.titles,
+        gt=GroundTruth.from_pairs(r.pairs_t, r.pairs_i, len(r.text_ids), len(r.image_ids)),
+        image_paths=r.image_paths,
+        fields={"title": list(r.titles), "ingredients": r.ingredients, "instructions": r.instructions},
+        root=root,
+        meta={"format": "recipe1m", "layer1": str(l1), "layer2": str(l2), "dropped_without_images": r.dropped},
+    )
+
+
+def _read_images_of(l2: Path) -> dict[str, list[str]]:
+    """Recipe id -> its image file names, from layer2."""
     images_of: dict[str, list[str]] = {}
     for n, entry in enumerate(_load_layer(l2)):
         f = f"[{n}]"
@@ -97,18 +124,30 @@ def read(path: str | Path, split: str, *, image_root: str | Path | None = None,
                                 "'ef3dc0de11.jpg'")
             ids.append(im["id"])
         images_of.setdefault(entry["id"], []).extend(ids)
+    return images_of
 
-    image_index: dict[str, int] = {}
-    image_ids: list[str] = []
-    image_paths: list[str] = []
-    text_ids: list[str] = []
-    titles: list[str] = []
-    ingredients: list[str] = []
-    instructions: list[str] = []
-    pairs_t: list[int] = []
-    pairs_i: list[int] = []
-    present: set[str] = set()
-    dropped = 0
+
+@dataclasses.dataclass
+class _Recipes:
+    """The recipes of one partition that have images, their images and pairs, as read from layer1."""
+
+    image_index: dict[str, int] = dataclasses.field(default_factory=dict)
+    image_ids: list[str] = dataclasses.field(default_factory=list)
+    image_paths: list[str] = dataclasses.field(default_factory=list)
+    text_ids: list[str] = dataclasses.field(default_factory=list)
+    titles: list[str] = dataclasses.field(default_factory=list)
+    ingredients: list[str] = dataclasses.field(default_factory=list)
+    instructions: list[str] = dataclasses.field(default_factory=list)
+    pairs_t: list[int] = dataclasses.field(default_factory=list)
+    pairs_i: list[int] = dataclasses.field(default_factory=list)
+    present: set[str] = dataclasses.field(default_factory=set)
+    dropped: int = 0
+
+
+def _read_recipes(l1: Path, partition: str, images_of: dict[str, list[str]],
+                  first_image_only: bool) -> _Recipes:
+    """The recipes of ``partition`` in layer1 that have images (others counted as dropped)."""
+    r = _Recipes()
     for n, rec in enumerate(_load_layer(l1)):
         f = f"[{n}]"
         if not isinstance(rec, dict):
@@ -116,7 +155,7 @@ def read(path: str | Path, split: str, *, image_root: str | Path | None = None,
         part = rec.get("partition")
         if not isinstance(part, str):
             raise DataError(f"{where(l1, field=f + '.partition')}expected 'train', 'val' or 'test'")
-        present.add(part)
+        r.present.add(part)
         if part != partition:
             continue
         rid = rec.get("id")
@@ -124,40 +163,22 @@ def read(path: str | Path, split: str, *, image_root: str | Path | None = None,
             raise DataError(f"{where(l1, field=f + '.id')}expected a string recipe id")
         imgs = images_of.get(rid, [])
         if not imgs:
-            dropped += 1
+            r.dropped += 1
             continue
         title = rec.get("title")
         if not isinstance(title, str):
             raise DataError(f"{where(l1, field=f + '.title')}expected a string")
-        t = len(text_ids)
-        text_ids.append(rid)
-        titles.append(title.strip())
-        ingredients.append("\n".join(_items(rec, "ingredients", l1, f)))
-        instructions.append("\n".join(_items(rec, "instructions", l1, f)))
+        t = len(r.text_ids)
+        r.text_ids.append(rid)
+        r.titles.append(title.strip())
+        r.ingredients.append("\n".join(_items(rec, "ingredients", l1, f)))
+        r.instructions.append("\n".join(_items(rec, "instructions", l1, f)))
         for img in imgs[:1] if first_image_only else imgs:
-            i = image_index.get(img)
+            i = r.image_index.get(img)
             if i is None:
-                i = image_index[img] = len(image_ids)
-                image_ids.append(img)
-                image_paths.append(image_relpath(part, img))
-            pairs_t.append(t)
-            pairs_i.append(i)
-    if not text_ids:
-        have = ", ".join(sorted(present)) or "(none)"
-        raise DataError(f"{l1}: no recipes with images in partition {partition!r}; partitions present: {have}")
-    if dropped:
-        logger.info("recipe1m/%s: dropped %d recipes without images (kept %d)", partition, dropped, len(text_ids))
-
-    root = resolve_root(image_root, l1.parent)
-    return CrossModalDataset(
-        name="recipe1m",
-        split=split,
-        image_ids=image_ids,
-        text_ids=text_ids,
-        captions=titles,
-        gt=GroundTruth.from_pairs(pairs_t, pairs_i, len(text_ids), len(image_ids)),
-        image_paths=image_paths,
-        fields={"title": list(titles), "ingredients": ingredients, "instructions": instructions},
-        root=root,
-        meta={"format": "recipe1m", "layer1": str(l1), "layer2": str(l2), "dropped_without_images": dropped},
-    )
+                i = r.image_index[img] = len(r.image_ids)
+                r.image_ids.append(img)
+                r.image_paths.append(image_relpath(part, img))
+            r.pairs_t.append(t)
+            r.pairs_i.append(i)
+    return r

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..progress import make_progress
 from ..errors import ConfigError, DataError, where
 from .base import DATASETS, CrossModalDataset, GroundTruth
 
@@ -79,11 +80,7 @@ def read_json(path: Path) -> Any:
 @contextmanager
 def progress_bar(description: str, total: float | None) -> Iterator[Callable[[float], None]]:
     """Yield ``advance(n)`` for a rich progress bar on stderr (silent when stderr is not a terminal)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), disable=not sys.stderr.isatty(), transient=True) as bar:
+    with make_progress(transient=True, enabled=None, stderr=True, percent=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
 

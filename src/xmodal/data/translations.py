@@ -5,7 +5,7 @@ X-MRS trains on recipes machine-translated into other languages (en->de, en->ru,
 machine-translation model runs offline here: users translate with their own model behind
 the :class:`Translator` interface (:func:`make_translations` writes the file), or bring a
 translations file made elsewhere. Training reads the file (``data.train_options:
-{translations: FILE}``, see :mod:`xmodal.train.pipeline`) and adds every row as another
+{translations: FILE}``, see :mod:`xmodal.data.pipeline`) and adds every row as another
 version of its source text.
 
 File format (CSV / TSV with a header, or JSONL objects), one row per translated text:

@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "evaluate_embeddings": "xmodal.eval.metrics",
+    "evaluate_embeddings": "xmodal.eval.protocols",
     "ranks_from_embeddings": "xmodal.eval.metrics",
     "ranks_from_score_blocks": "xmodal.eval.metrics",
     "ranks_from_scores": "xmodal.eval.metrics",

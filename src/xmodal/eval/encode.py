@@ -47,7 +47,7 @@ def evaluate_split(model: Any, split, *, protocol: str = "full", block_size: int
     model) shortlists, else the model's own ``first_stage_embeddings``; ``rerank_fusion = w``
     orders the shortlist by ``pair score + w * first-stage score``.
     """
-    from .metrics import evaluate_embeddings
+    from .protocols import evaluate_embeddings
 
     was_training = model.training
     model.eval()

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ..data.base import GroundTruth
+from ..progress import make_progress
 from ..errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -348,10 +349,7 @@ def _progress(total: int, enabled: bool | None):
         enabled = sys.stderr.isatty()
     if not enabled or total <= 1:
         return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import Progress
-
-    return Progress(console=Console(stderr=True), transient=True)
+    return make_progress(transient=True, stderr=True)
 
 
 def _gather_positive_scores(a: torch.Tensor, b: torch.Tensor, pair_a: torch.Tensor,
@@ -382,7 +380,7 @@ def _round_out(x64: torch.Tensor, down: bool) -> torch.Tensor:
     return torch.where(x32.double() < x64, torch.nextafter(x32, torch.full_like(x32, math.inf)), x32)
 
 
-def _ranks_prepared(img: torch.Tensor, txt: torch.Tensor, gt: GroundTruth, block_size: int,
+def ranks_prepared(img: torch.Tensor, txt: torch.Tensor, gt: GroundTruth, block_size: int,
                     progress: bool | None = None, **engine: Any) -> tuple[np.ndarray, np.ndarray]:
     """Ranks ``(i2t, t2i)`` for embeddings already checked and converted (same dtype, device).
 
@@ -408,7 +406,7 @@ def _stream_ranks(rows: torch.Tensor, cols: torch.Tensor, pair_row_np: np.ndarra
     ``(pair_row_np[k], pair_col_np[k])``. A block holds whole rows, so row thresholds are
     exact in-block; column thresholds use the gathered approximation and the tie window.
     """
-    n_rows, dim = rows.shape
+    n_rows = rows.shape[0]
     n_cols = cols.shape[0]
     dev = rows.device
     bs = max(1, min(int(block_size), n_rows, _EXACT_FLOAT_COUNT - 1))
@@ -420,64 +418,17 @@ def _stream_ranks(rows: torch.Tensor, cols: torch.Tensor, pair_row_np: np.ndarra
     has_row = np.diff(row_ptr) > 0
     has_col = np.bincount(pc_np, minlength=n_cols) > 0
     has_col_dev = torch.from_numpy(has_col).to(dev)
-
-    # Approximate column thresholds and the window that must contain the block-product
-    # value: the gathered and the block dot products are both within gamma_D |x| |y| of exact.
-    dots, mags = _gather_positive_scores(rows, cols, pair_row, pair_col)
-    approx = torch.full((n_cols,), -math.inf, dtype=torch.float32, device=dev).scatter_reduce_(
-        0, pair_col, dots, "amax").double()
-    mag = mags.double() * 1.01  # 1 %: rounding of the norms themselves
-    c_acc, c_out = _error_factors(rows.dtype, dim, dev)
-    if error_factor is not None:  # tests: force a (too) tight bound
-        c_acc, c_out = error_factor, 0.0
-    pair_eps = c_acc * mag + c_out * (dots.double().abs() + c_acc * mag)
-    # |max_i a_i - max_i b_i| <= max_i |a_i - b_i|: the column bound is the largest pair bound.
-    eps = torch.zeros(n_cols, dtype=torch.float64, device=dev).scatter_reduce_(
-        0, pair_col, pair_eps, "amax") + 1e-30
-    inf64 = torch.tensor(math.inf, dtype=torch.float64, device=dev)
-    lo = _round_out(torch.where(has_col_dev, approx - eps, inf64), down=True)
-    hi = _round_out(torch.where(has_col_dev, approx + eps, inf64), down=False)
+    lo, hi = _column_windows(rows, cols, pair_row, pair_col, has_col_dev, error_factor)
 
     best_col = torch.full((n_cols,), -math.inf, dtype=torch.float32, device=dev)  # exact, from blocks
     row_rank = torch.zeros(n_rows, dtype=torch.int64, device=dev)
     above = torch.zeros(n_cols, dtype=torch.int64, device=dev)
-    win_col: list[torch.Tensor] = []
-    win_val: list[torch.Tensor] = []
-    win_count = 0
-    cap = max(1 << 20, 2 * bs * n_cols) if window_cap is None else window_cap
-    overflow = False
+    window = _TieWindow(max(1 << 20, 2 * bs * n_cols) if window_cap is None else window_cap)
 
     s_buf = torch.empty((bs, n_cols), dtype=rows.dtype, device=dev)
     if counting is None:
         counting = "mask_sum" if dev.type == "cuda" or n_cols >= _EXACT_FLOAT_COUNT else "float_mv"
-    if counting == "float_mv":
-        # CPU: 0/1 float masks summed by matrix-vector products (exact below 2**24) measured
-        # 5-10x faster than summing boolean masks. bf16 blocks are widened once (exactly) to
-        # float32 first: bf16 comparisons measured 2x slower, and there are three per block.
-        f_buf = torch.empty((bs, n_cols), dtype=torch.float32, device=dev)
-        ones_c = torch.ones(n_cols, dtype=torch.float32, device=dev)
-        ones_b = torch.ones(bs, dtype=torch.float32, device=dev)
-        w_buf = torch.empty((bs, n_cols), dtype=torch.float32, device=dev) if rows.dtype != torch.float32 else None
-
-        def count_rows(scores: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-            """Per row of ``scores``: entries above that row's ``thr``."""
-            return torch.mv(torch.gt(scores, thr[:, None], out=f_buf[:len(scores)]), ones_c)
-
-        def count_cols(scores: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-            """Per column of ``scores``: entries above that column's ``thr``."""
-            return torch.mv(torch.gt(scores, thr, out=f_buf[:len(scores)]).t(), ones_b[:len(scores)])
-    elif counting == "mask_sum":
-        # GPU: memory-bound, so compare the block in its own dtype into 1-byte masks and let
-        # the reduction kernels count (no widened copy, no 4-byte masks).
-        w_buf = None
-
-        def count_rows(scores: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-            return (scores > thr[:, None]).sum(1, dtype=torch.int32)
-
-        def count_cols(scores: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-            return (scores > thr).sum(0, dtype=torch.int32)
-    else:
-        raise ValueError(f"unknown counting mode {counting!r}")
+    count_rows, count_cols, w_buf = _block_counters(counting, rows.dtype, bs, n_cols, dev)
     cols_t = cols.t()
     starts = range(0, n_rows, bs)
 
@@ -511,46 +462,139 @@ def _stream_ranks(rows: torch.Tensor, cols: torch.Tensor, pair_row_np: np.ndarra
             # Positives always sit in their own window and never count: leave them out so
             # that only columns with a non-positive near their threshold are inspected.
             n_lo.index_put_((c_idx,), -(vals > lo[c_idx]).to(n_lo.dtype), accumulate=True)
-            if not overflow:
-                amb = torch.nonzero(n_lo != n_hi).flatten()
-                if len(amb):
-                    sub = scores.index_select(1, amb)  # (b, A)
-                    inside = (sub > lo[amb]) & (sub <= hi[amb])
-                    r, k = torch.nonzero(inside, as_tuple=True)
-                    win_col.append(amb[k])
-                    win_val.append(sub[r, k].float())
-                    win_count += len(r)
-                    if win_count > cap:
-                        overflow = True
-                        win_col.clear()
-                        win_val.clear()
-                        log.info("tie window exceeded %d entries; a second pass will resolve it", cap)
+            window.collect(scores, n_lo, n_hi, lo, hi)
             if bar:
                 bar.advance(task)
 
-    log.debug("tie window held %d candidates within the rounding bound of a threshold", win_count)
-    inside_ok = bool(((lo <= best_col) & (best_col <= hi))[has_col_dev].all())
-    if not inside_ok:
-        log.warning("floating-point error bound exceeded (unusual BLAS?); "
-                    "running a second, exact pass for the column queries")
-    if overflow or not inside_ok:
-        col_rank = torch.zeros(n_cols, dtype=torch.int64, device=dev)
-        with _exact_bf16_reductions(dev):
-            for s in starts:
-                e = min(s + bs, n_rows)
-                col_rank += count_cols(block_scores(s), best_col).long()
-    else:
-        col_rank = above
-        if win_col:
-            wc = torch.cat(win_col)
-            wv = torch.cat(win_val)
-            col_rank = col_rank + torch.bincount(wc[wv > best_col[wc]], minlength=n_cols)
+    col_rank = _column_ranks(window, above, best_col, lo, hi, has_col_dev, starts, count_cols, block_scores)
 
     row_np = row_rank.cpu().numpy()
     col_np = col_rank.cpu().numpy()
     row_np[~has_row] = -1
     col_np[~has_col] = -1
     return row_np, col_np
+
+
+def _column_windows(rows: torch.Tensor, cols: torch.Tensor, pair_row: torch.Tensor, pair_col: torch.Tensor,
+                    has_col_dev: torch.Tensor, error_factor: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(lo, hi)`` per column: the window that must hold its block-product threshold."""
+    n_cols = cols.shape[0]
+    dim = rows.shape[1]
+    dev = rows.device
+    # Approximate column thresholds and the window that must contain the block-product
+    # value: the gathered and the block dot products are both within gamma_D |x| |y| of exact.
+    dots, mags = _gather_positive_scores(rows, cols, pair_row, pair_col)
+    approx = torch.full((n_cols,), -math.inf, dtype=torch.float32, device=dev).scatter_reduce_(
+        0, pair_col, dots, "amax").double()
+    mag = mags.double() * 1.01  # 1 %: rounding of the norms themselves
+    c_acc, c_out = _error_factors(rows.dtype, dim, dev)
+    if error_factor is not None:  # tests: force a (too) tight bound
+        c_acc, c_out = error_factor, 0.0
+    pair_eps = c_acc * mag + c_out * (dots.double().abs() + c_acc * mag)
+    # |max_i a_i - max_i b_i| <= max_i |a_i - b_i|: the column bound is the largest pair bound.
+    eps = torch.zeros(n_cols, dtype=torch.float64, device=dev).scatter_reduce_(
+        0, pair_col, pair_eps, "amax") + 1e-30
+    inf64 = torch.tensor(math.inf, dtype=torch.float64, device=dev)
+    lo = _round_out(torch.where(has_col_dev, approx - eps, inf64), down=True)
+    hi = _round_out(torch.where(has_col_dev, approx + eps, inf64), down=False)
+    return lo, hi
+
+
+_CountFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _column_ranks(window: _TieWindow, above: torch.Tensor, best_col: torch.Tensor, lo: torch.Tensor,
+                  hi: torch.Tensor, has_col_dev: torch.Tensor, starts: range, count_cols: _CountFn,
+                  block_scores: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """Column ranks from the tie window, or from a second, exact pass if it overflowed or the bound failed."""
+    n_cols = len(best_col)
+    dev = best_col.device
+    log.debug("tie window held %d candidates within the rounding bound of a threshold", window.count)
+    inside_ok = bool(((lo <= best_col) & (best_col <= hi))[has_col_dev].all())
+    if not inside_ok:
+        log.warning("floating-point error bound exceeded (unusual BLAS?); "
+                    "running a second, exact pass for the column queries")
+    if window.overflow or not inside_ok:
+        col_rank = torch.zeros(n_cols, dtype=torch.int64, device=dev)
+        with _exact_bf16_reductions(dev):
+            for s in starts:
+                col_rank += count_cols(block_scores(s), best_col).long()
+    else:
+        col_rank = window.column_ranks(above, best_col, n_cols)
+    return col_rank
+
+
+def _block_counters(counting: str, dtype: torch.dtype, bs: int, n_cols: int,
+                    dev: torch.device) -> tuple[_CountFn, _CountFn, torch.Tensor | None]:
+    """``(count_rows, count_cols, w_buf)`` for a counting mode; ``w_buf`` widens bf16 blocks (or None)."""
+    if counting == "float_mv":
+        # CPU: 0/1 float masks summed by matrix-vector products (exact below 2**24) measured
+        # 5-10x faster than summing boolean masks. bf16 blocks are widened once (exactly) to
+        # float32 first: bf16 comparisons measured 2x slower, and there are three per block.
+        f_buf = torch.empty((bs, n_cols), dtype=torch.float32, device=dev)
+        ones_c = torch.ones(n_cols, dtype=torch.float32, device=dev)
+        ones_b = torch.ones(bs, dtype=torch.float32, device=dev)
+        w_buf = torch.empty((bs, n_cols), dtype=torch.float32, device=dev) if dtype != torch.float32 else None
+
+        def count_rows(scores: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+            """Per row of ``scores``: entries above that row's ``thr``."""
+            return torch.mv(torch.gt(scores, thr[:, None], out=f_buf[:len(scores)]), ones_c)
+
+        def count_cols(scores: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+            """Per column of ``scores``: entries above that column's ``thr``."""
+            return torch.mv(torch.gt(scores, thr, out=f_buf[:len(scores)]).t(), ones_b[:len(scores)])
+    elif counting == "mask_sum":
+        # GPU: memory-bound, so compare the block in its own dtype into 1-byte masks and let
+        # the reduction kernels count (no widened copy, no 4-byte masks).
+        w_buf = None
+
+        def count_rows(scores: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+            return (scores > thr[:, None]).sum(1, dtype=torch.int32)
+
+        def count_cols(scores: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+            return (scores > thr).sum(0, dtype=torch.int32)
+    else:
+        raise ValueError(f"unknown counting mode {counting!r}")
+    return count_rows, count_cols, w_buf
+
+
+class _TieWindow:
+    """Non-positive candidates within ``(lo, hi]`` of a column threshold, up to ``cap`` entries."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.cols: list[torch.Tensor] = []
+        self.vals: list[torch.Tensor] = []
+        self.count = 0
+        self.overflow = False
+
+    def collect(self, scores: torch.Tensor, n_lo: torch.Tensor, n_hi: torch.Tensor, lo: torch.Tensor,
+                hi: torch.Tensor) -> None:
+        """Keep the block's window entries of the columns whose counts above ``lo`` and ``hi`` differ."""
+        if self.overflow:
+            return
+        amb = torch.nonzero(n_lo != n_hi).flatten()
+        if len(amb):
+            sub = scores.index_select(1, amb)  # (b, A)
+            inside = (sub > lo[amb]) & (sub <= hi[amb])
+            r, k = torch.nonzero(inside, as_tuple=True)
+            self.cols.append(amb[k])
+            self.vals.append(sub[r, k].float())
+            self.count += len(r)
+            if self.count > self.cap:
+                self.overflow = True
+                self.cols.clear()
+                self.vals.clear()
+                log.info("tie window exceeded %d entries; a second pass will resolve it", self.cap)
+
+    def column_ranks(self, above: torch.Tensor, best_col: torch.Tensor, n_cols: int) -> torch.Tensor:
+        """Column ranks: candidates above the window plus window entries above the exact threshold."""
+        col_rank = above
+        if self.cols:
+            wc = torch.cat(self.cols)
+            wv = torch.cat(self.vals)
+            col_rank = col_rank + torch.bincount(wc[wv > best_col[wc]], minlength=n_cols)
+        return col_rank
 
 
 def prepare_inputs(image_emb: Any, text_emb: Any, text_to_images: Any, *,
@@ -573,7 +617,7 @@ def prepare_inputs(image_emb: Any, text_emb: Any, text_to_images: Any, *,
     return img, txt, gt
 
 
-def _check_block_size(block_size: int) -> int:
+def check_block_size(block_size: int) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise ConfigError(f"block_size: expected a positive integer, got {block_size!r}")
     return int(block_size)
@@ -593,9 +637,9 @@ def ranks_from_embeddings(image_emb: Any, text_emb: Any, text_to_images: Any, *,
     memory is about ``block_size x min(N, M) x 8`` bytes (12 for bf16) plus the converted
     inputs. Skipped queries get ``-1``.
     """
-    block_size = _check_block_size(block_size)
+    block_size = check_block_size(block_size)
     img, txt, gt = prepare_inputs(image_emb, text_emb, text_to_images, device=device, dtype=dtype)
-    return _ranks_prepared(img, txt, gt, block_size, progress)
+    return ranks_prepared(img, txt, gt, block_size, progress)
 
 
 # -------------------------------------------------------------------------------------
@@ -642,83 +686,115 @@ def ranks_from_score_blocks(score_fn: ScoreFn, num_images: int, num_texts: int, 
     n, m = int(num_images), int(num_texts)
     if n < 1 or m < 1:
         raise DataError(f"need at least one image and one text, got {n} x {m}")
-    ib = _check_block_size(image_block)
-    tb = _check_block_size(text_block)
+    ib = check_block_size(image_block)
+    tb = check_block_size(text_block)
     gt = as_ground_truth(gt, n, m)
     if gt.nnz == 0:
         raise DataError("ground truth: no positive pair at all")
     dev = torch.device(device) if device is not None else None
-    t_of_pair, i_of_pair = gt.pairs()
-    n_tb = (m + tb - 1) // tb  # tile key = image block * n_tb + text block
-    pair_tile = (i_of_pair // ib) * n_tb + t_of_pair // tb
-    tiles = np.unique(pair_tile)
-    order = np.argsort(pair_tile, kind="stable")
-    sorted_tile = pair_tile[order]
+    grid = _TileGrid(gt, n, m, ib, tb)
+    total = len(grid.tiles) + ((n + ib - 1) // ib) * grid.n_tb
+    with _progress(total, progress) as bar:
+        task = bar.add_task("scoring tiles", total=total) if bar else None
+        best_i, best_t, pos_vals, cache = _tile_thresholds(score_fn, grid, gt.nnz, dev, cache_bytes, bar, task)
+        i2t, t2i = _count_tiles(score_fn, grid, best_i, best_t, pos_vals, cache, dev, bar, task)
+    i2t_np = i2t.cpu().numpy()
+    t2i_np = t2i.cpu().numpy()
+    i2t_np[np.bincount(grid.i_of_pair, minlength=n) == 0] = -1
+    t2i_np[gt.counts() == 0] = -1
+    return i2t_np, t2i_np
 
-    def tile_slices(key: int) -> tuple[slice, slice]:
-        a, b = divmod(int(key), n_tb)
-        return slice(a * ib, min(a * ib + ib, n)), slice(b * tb, min(b * tb + tb, m))
 
-    def tile_pairs(key: int) -> np.ndarray:
-        lo_, hi_ = np.searchsorted(sorted_tile, [key, key + 1])
-        return order[lo_:hi_]
+class _TileGrid:
+    """The ``image_block x text_block`` tiles of an ``n x m`` score matrix and the positive pairs in each."""
 
+    def __init__(self, gt: GroundTruth, n: int, m: int, ib: int, tb: int) -> None:
+        self.n, self.m, self.ib, self.tb = n, m, ib, tb
+        self.t_of_pair, self.i_of_pair = gt.pairs()
+        self.n_tb = (m + tb - 1) // tb  # tile key = image block * n_tb + text block
+        pair_tile = (self.i_of_pair // ib) * self.n_tb + self.t_of_pair // tb
+        self.tiles = np.unique(pair_tile)
+        self.order = np.argsort(pair_tile, kind="stable")
+        self.sorted_tile = pair_tile[self.order]
+
+    def slices(self, key: int) -> tuple[slice, slice]:
+        """The image and text slices of tile ``key``."""
+        a, b = divmod(int(key), self.n_tb)
+        return (slice(a * self.ib, min(a * self.ib + self.ib, self.n)),
+                slice(b * self.tb, min(b * self.tb + self.tb, self.m)))
+
+    def pairs(self, key: int) -> np.ndarray:
+        """Indices of the positive pairs inside tile ``key``."""
+        lo_, hi_ = np.searchsorted(self.sorted_tile, [key, key + 1])
+        return self.order[lo_:hi_]
+
+    def local(self, p: np.ndarray, si: slice, st: slice,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and column of pairs ``p`` inside the tile at ``(si, st)``."""
+        r = torch.from_numpy(self.i_of_pair[p] - si.start).to(device)
+        k = torch.from_numpy(self.t_of_pair[p] - st.start).to(device)
+        return r, k
+
+
+def _tile_thresholds(score_fn: ScoreFn, grid: _TileGrid, nnz: int, dev: torch.device | None,
+                     cache_bytes: int, bar: Any, task: Any,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """Phase 1: ``(best_i, best_t, pos_vals, cache)`` from the tiles holding positives."""
+    n, m = grid.n, grid.m
     best_i: torch.Tensor | None = None
     best_t: torch.Tensor | None = None
     pos_vals = None
     cache: dict[int, torch.Tensor] = {}
     cached = 0
-    total = len(tiles) + ((n + ib - 1) // ib) * n_tb
-    with _progress(total, progress) as bar:
-        task = bar.add_task("scoring tiles", total=total) if bar else None
-        for key in tiles:  # phase 1: thresholds from the tiles holding positives
-            si, st = tile_slices(key)
+    for key in grid.tiles:  # phase 1: thresholds from the tiles holding positives
+        si, st = grid.slices(key)
+        scores = _tile_scores(score_fn, si, st, dev)
+        if best_i is None:
+            acc = torch.promote_types(scores.dtype, torch.float32)
+            best_i = torch.full((n,), -math.inf, dtype=acc, device=scores.device)
+            best_t = torch.full((m,), -math.inf, dtype=acc, device=scores.device)
+            pos_vals = torch.empty(nnz, dtype=acc, device=scores.device)
+        p = grid.pairs(key)
+        r, k = grid.local(p, si, st, scores.device)
+        v = scores[r, k].to(best_i.dtype)
+        pos_vals[torch.from_numpy(p).to(scores.device)] = v
+        best_i.scatter_reduce_(0, r + si.start, v, "amax")
+        best_t.scatter_reduce_(0, k + st.start, v, "amax")
+        size = scores.numel() * scores.element_size()
+        if cached + size <= cache_bytes:
+            cache[int(key)] = scores
+            cached += size
+        if bar:
+            bar.advance(task)
+    assert best_i is not None and best_t is not None and pos_vals is not None
+    return best_i, best_t, pos_vals, cache
+
+
+def _count_tiles(score_fn: ScoreFn, grid: _TileGrid, best_i: torch.Tensor, best_t: torch.Tensor,
+                 pos_vals: torch.Tensor, cache: dict[int, torch.Tensor], dev: torch.device | None,
+                 bar: Any, task: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 2: per image and per text, the candidates of every tile scoring strictly higher."""
+    i2t = torch.zeros(grid.n, dtype=torch.int64, device=best_i.device)
+    t2i = torch.zeros(grid.m, dtype=torch.int64, device=best_i.device)
+    positive_tiles = set(int(k) for k in grid.tiles)
+    for key in range((grid.n + grid.ib - 1) // grid.ib * grid.n_tb):  # phase 2: count strictly higher scores
+        si, st = grid.slices(key)
+        scores = cache.pop(key, None)
+        if scores is None:
             scores = _tile_scores(score_fn, si, st, dev)
-            if best_i is None:
-                acc = torch.promote_types(scores.dtype, torch.float32)
-                best_i = torch.full((n,), -math.inf, dtype=acc, device=scores.device)
-                best_t = torch.full((m,), -math.inf, dtype=acc, device=scores.device)
-                pos_vals = torch.empty(gt.nnz, dtype=acc, device=scores.device)
-            p = tile_pairs(key)
-            r = torch.from_numpy(i_of_pair[p] - si.start).to(scores.device)
-            k = torch.from_numpy(t_of_pair[p] - st.start).to(scores.device)
-            v = scores[r, k].to(best_i.dtype)
-            pos_vals[torch.from_numpy(p).to(scores.device)] = v
-            best_i.scatter_reduce_(0, r + si.start, v, "amax")
-            best_t.scatter_reduce_(0, k + st.start, v, "amax")
-            size = scores.numel() * scores.element_size()
-            if cached + size <= cache_bytes:
-                cache[int(key)] = scores
-                cached += size
-            if bar:
-                bar.advance(task)
-        assert best_i is not None and best_t is not None and pos_vals is not None
-        i2t = torch.zeros(n, dtype=torch.int64, device=best_i.device)
-        t2i = torch.zeros(m, dtype=torch.int64, device=best_i.device)
-        positive_tiles = set(int(k) for k in tiles)
-        for key in range((n + ib - 1) // ib * n_tb):  # phase 2: count strictly higher scores
-            si, st = tile_slices(key)
-            scores = cache.pop(key, None)
-            if scores is None:
-                scores = _tile_scores(score_fn, si, st, dev)
-                if key in positive_tiles:
-                    p = tile_pairs(key)
-                    r = torch.from_numpy(i_of_pair[p] - si.start).to(scores.device)
-                    k = torch.from_numpy(t_of_pair[p] - st.start).to(scores.device)
-                    again = scores[r, k].to(pos_vals.dtype)
-                    if not torch.equal(again, pos_vals[torch.from_numpy(p).to(scores.device)]):
-                        raise DataError("score function is not deterministic: the same tile scored "
-                                        "differently twice; raise cache_bytes or fix the scorer")
-            scores = scores.to(best_i.device)
-            i2t[si] += (scores > best_i[si, None]).sum(1)
-            t2i[st] += (scores > best_t[None, st]).sum(0)
-            if bar:
-                bar.advance(task)
-    i2t_np = i2t.cpu().numpy()
-    t2i_np = t2i.cpu().numpy()
-    i2t_np[np.bincount(i_of_pair, minlength=n) == 0] = -1
-    t2i_np[gt.counts() == 0] = -1
-    return i2t_np, t2i_np
+            if key in positive_tiles:
+                p = grid.pairs(key)
+                r, k = grid.local(p, si, st, scores.device)
+                again = scores[r, k].to(pos_vals.dtype)
+                if not torch.equal(again, pos_vals[torch.from_numpy(p).to(scores.device)]):
+                    raise DataError("score function is not deterministic: the same tile scored "
+                                    "differently twice; raise cache_bytes or fix the scorer")
+        scores = scores.to(best_i.device)
+        i2t[si] += (scores > best_i[si, None]).sum(1)
+        t2i[st] += (scores > best_t[None, st]).sum(0)
+        if bar:
+            bar.advance(task)
+    return i2t, t2i
 
 
 def ranks_from_scores(scores: Any, text_to_images: Any, *, block_size: int = 1024,
@@ -743,31 +819,3 @@ def ranks_from_scores(scores: Any, text_to_images: Any, *, block_size: int = 102
 
     return ranks_from_score_blocks(score_fn, n, m, text_to_images, block_size, m,
                                    cache_bytes=0, progress=progress)
-
-
-# -------------------------------------------------------------------------------------
-# the public entry point
-# -------------------------------------------------------------------------------------
-def evaluate_embeddings(image_emb: Any, text_emb: Any, text_to_images: Any, protocol: str = "full", *,
-                        block_size: int = DEFAULT_BLOCK_SIZE,
-                        device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None,
-                        seed: int = 0,
-                        progress: bool | None = None) -> dict[str, float]:
-    """Exact image<->text retrieval metrics of embeddings under a named protocol.
-
-    ``image_emb`` (N x D) and ``text_emb`` (M x D): numpy arrays or torch tensors, scored by
-    dot product (normalise them first for cosine). ``text_to_images``: a 1-D int array (one
-    image index per text), a list of lists of image indices, or a
-    :class:`~xmodal.data.base.GroundTruth`. ``protocol``: ``full``, ``coco1k``, ``coco5k``,
-    ``f30k1k``, ``recipe1k`` or ``recipe10k`` (see :mod:`xmodal.eval.protocols`); ``seed``
-    drives the recipe subsets. Computation streams over ``block_size`` image rows on
-    ``device`` (default: where tensor inputs live, else CPU) in ``dtype`` (``fp32``
-    default, or ``bf16``).
-
-    Returns a dict with exactly the keys of :data:`METRIC_KEYS` (recalls in percent).
-    """
-    from .protocols import evaluate_protocol
-
-    return evaluate_protocol(image_emb, text_emb, text_to_images, protocol, block_size=block_size,
-                             device=device, dtype=dtype, seed=seed, progress=progress).metrics

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from ..data.base import GroundTruth
+from ..progress import make_progress
 from ..errors import ConfigError, DataError
-from ..models.base import TowerOutput
+from ..models.base import PairScorer, TowerOutput
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,6 @@ def _progress(enabled: bool | None):
         enabled = sys.stderr.isatty()
     if not enabled:
         return nullcontext(None)
-    from ..progress import make_progress
-
     return make_progress(transient=True)
 
 
@@ -307,10 +306,20 @@ def two_stage_ranks(first_img_emb: Any, first_txt_emb: Any, rescore_fn: RescoreF
     r_i2t = torch.from_numpy(scores[inverse[:split]]).view(keys_i2t.shape)
     r_t2i = torch.from_numpy(scores[inverse[split:]]).view(keys_t2i.shape)
     if fusion:
-        r_i2t = r_i2t + fusion * i2t["vals"].double()
-        r_t2i = r_t2i + fusion * t2i["vals"].double()
+        r_i2t = fuse_scores(r_i2t, i2t["vals"], fusion)
+        r_t2i = fuse_scores(r_t2i, t2i["vals"], fusion)
     return {"i2t_ranks": _final_ranks(i2t, r_i2t), "t2i_ranks": _final_ranks(t2i, r_t2i),
             "pairs_scored": int(len(keys))}
+
+
+def fuse_scores(pair_scores: Any, first_scores: Any, fusion: float) -> Any:
+    """The fused two-stage order's scores: ``pair + fusion * first``, in float64 (BLIP-style).
+
+    Torch tensors in, a float64 tensor out; anything else, a float64 array. Evaluation and
+    search both order by this one formula."""
+    if isinstance(pair_scores, torch.Tensor):
+        return pair_scores.double() + fusion * torch.as_tensor(first_scores).to(pair_scores.device).double()
+    return np.asarray(pair_scores, dtype=np.float64) + fusion * np.asarray(first_scores, dtype=np.float64)
 
 
 def check_fusion(w: Any, name: str = "rerank_fusion") -> float:
@@ -340,7 +349,7 @@ def pair_rescore_fn(model: Any, image_reps: Any, text_reps: Any) -> RescoreFn:
                 out[grp] = s[0].double().cpu().numpy()
         return out
 
-    return vectorised if callable(getattr(model, "score_pairs", None)) else per_image
+    return vectorised if isinstance(model, PairScorer) and model.has_score_pairs() else per_image
 
 
 # ------------------------------------------------------------------------------------------
@@ -361,11 +370,11 @@ def evaluate_pair_scorer(model: Any, split: Any, *, protocol: str = "full", bloc
     Returns ``{"metrics", "per_subset", "pairs_scored"}`` plus ``i2t_ranks`` / ``t2i_ranks``
     (every subset's ranks, concatenated) when ``return_ranks``.
     """
-    from .metrics import _check_block_size, metrics_from_ranks
+    from .metrics import check_block_size, metrics_from_ranks
     from .protocols import average_metrics, protocol_subsets
 
-    block_size = _check_block_size(block_size)
-    text_block = _check_block_size(text_block)
+    block_size = check_block_size(block_size)
+    text_block = check_block_size(text_block)
     if isinstance(rerank_k, bool) or not isinstance(rerank_k, (int, np.integer)) or rerank_k < 0:
         raise ConfigError(f"eval.rerank_k: expected a non-negative integer, got {rerank_k!r}")
     ds = split.dataset
@@ -382,12 +391,15 @@ def evaluate_pair_scorer(model: Any, split: Any, *, protocol: str = "full", bloc
         if first_stage is not None:
             first = (_as_float_tensor(first_stage[0], "first-stage image embeddings"),
                      _as_float_tensor(first_stage[1], "first-stage text embeddings"))
-        elif callable(getattr(model, "first_stage_embeddings", None)):
-            with torch.inference_mode():
-                first = tuple(e.float().cpu() for e in model.first_stage_embeddings(img_reps, txt_reps))
         else:
-            raise ConfigError(f"eval.rerank_k={rerank_k}: {type(model).__name__} has no first stage; "
-                              "pass first-stage embeddings or use rerank_k: 0")
+            with torch.inference_mode():
+                built_in = model.first_stage_embeddings(img_reps, txt_reps)
+            if built_in is not None:
+                first = tuple(e.float().cpu() for e in built_in)
+        if first is None:
+            raise ConfigError(f"eval.rerank_k={rerank_k}: {type(model).__name__} has no first stage; pass "
+                              "first-stage embeddings (xmodal eval --first-stage RUN, or model.args.first_stage: "
+                              "RUN where the model takes one) or use rerank_k: 0")
         if first[0].shape[0] != ds.num_images or first[1].shape[0] != ds.num_texts:
             raise DataError(f"first-stage embeddings are {first[0].shape[0]} images x {first[1].shape[0]} texts, "
                             f"the split {ds.name}/{ds.split} has {ds.num_images} x {ds.num_texts}")

@@ -28,7 +28,7 @@ import torch
 from ..data.base import GroundTruth
 from ..errors import DataError
 from ..registry import Registry
-from .metrics import (DEFAULT_BLOCK_SIZE, METRIC_KEYS, _check_block_size, _ranks_prepared,
+from .metrics import (DEFAULT_BLOCK_SIZE, METRIC_KEYS, check_block_size, ranks_prepared,
                       metrics_from_ranks, prepare_inputs)
 
 log = logging.getLogger(__name__)
@@ -152,10 +152,10 @@ def evaluate_protocol(image_emb: Any, text_emb: Any, text_to_images: Any, protoc
     """Evaluate embeddings under ``protocol`` and keep each subset's metrics.
 
     Inputs are checked and converted once; every subset is then evaluated by the streaming
-    engine. See :func:`xmodal.eval.metrics.evaluate_embeddings` for the arguments; ``names``
+    engine. See :func:`xmodal.eval.protocols.evaluate_embeddings` for the arguments; ``names``
     relabels the three inputs in error messages (the CLI passes file names).
     """
-    block_size = _check_block_size(block_size)
+    block_size = check_block_size(block_size)
     if protocol not in PROTOCOLS:
         PROTOCOLS.get(protocol)  # raises, listing the choices
     kwargs = {"names": names} if names else {}
@@ -173,7 +173,7 @@ def evaluate_protocol(image_emb: Any, text_emb: Any, text_to_images: Any, protoc
             g_sub = gt.subset(texts, images)
         if g_sub.nnz == 0:
             raise DataError(f"protocol {protocol}: subset {sub.name} has no positive pair")
-        i2t, t2i = _ranks_prepared(i_sub, t_sub, g_sub, block_size, progress)
+        i2t, t2i = ranks_prepared(i_sub, t_sub, g_sub, block_size, progress)
         metrics = metrics_from_ranks(i2t, t2i)
         log.debug("protocol %s %s (%d images, %d texts): %s", protocol, sub.name,
                   g_sub.num_images, g_sub.num_texts, metrics)
@@ -186,3 +186,29 @@ def _rows(x: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
     if len(idx) and idx[-1] - idx[0] + 1 == len(idx) and np.all(np.diff(idx) == 1):
         return x[int(idx[0]):int(idx[-1]) + 1]
     return x.index_select(0, torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)).to(x.device))
+
+
+# -------------------------------------------------------------------------------------
+# the public entry point
+# -------------------------------------------------------------------------------------
+def evaluate_embeddings(image_emb: Any, text_emb: Any, text_to_images: Any, protocol: str = "full", *,
+                        block_size: int = DEFAULT_BLOCK_SIZE,
+                        device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None,
+                        seed: int = 0,
+                        progress: bool | None = None) -> dict[str, float]:
+    """Exact image<->text retrieval metrics of embeddings under a named protocol.
+
+    ``image_emb`` (N x D) and ``text_emb`` (M x D): numpy arrays or torch tensors, scored by
+    dot product (normalise them first for cosine). ``text_to_images``: a 1-D int array (one
+    image index per text), a list of lists of image indices, or a
+    :class:`~xmodal.data.base.GroundTruth`. ``protocol``: ``full``, ``coco1k``, ``coco5k``,
+    ``f30k1k``, ``recipe1k`` or ``recipe10k`` (see :mod:`xmodal.eval.protocols`); ``seed``
+    drives the recipe subsets. Computation streams over ``block_size`` image rows on
+    ``device`` (default: where tensor inputs live, else CPU) in ``dtype`` (``fp32``
+    default, or ``bf16``).
+
+    Returns a dict with exactly the keys of :data:`METRIC_KEYS` (recalls in percent).
+    """
+    return evaluate_protocol(image_emb, text_emb, text_to_images, protocol, block_size=block_size,
+                             device=device, dtype=dtype, seed=seed, progress=progress).metrics

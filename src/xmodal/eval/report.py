@@ -513,7 +513,7 @@ def _queries_html(prepared: list[dict[str, Any]], total: int) -> str:
 
 
 def _page(title: str, sections: list[tuple[str, str]]) -> str:
-    from xmodal import __version__
+    from .._version import __version__
 
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = "\n".join(f"<section><h2>{_e(h)}</h2>\n{content}</section>" for h, content in sections)

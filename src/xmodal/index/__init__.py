@@ -5,14 +5,9 @@ commit scheme, :mod:`.exact` for blocked exact search and :mod:`.faiss_backend` 
 """
 from __future__ import annotations
 
-from .exact import BACKENDS, METRICS, Backend, TopK, exact_search
+from .exact import BACKENDS, METRICS, Backend, TopK, exact_search, list_backends
 from .faiss_backend import auto_nlist, import_faiss
 from .store import MAX_K, Index, read_manifest, recover, verify_files
 
 __all__ = ["BACKENDS", "METRICS", "MAX_K", "Backend", "Index", "TopK", "auto_nlist", "exact_search",
            "import_faiss", "list_backends", "read_manifest", "recover", "verify_files"]
-
-
-def list_backends() -> list[str]:
-    """Names accepted by ``Index.create(backend=...)``."""
-    return BACKENDS.names()

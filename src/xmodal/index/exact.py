@@ -239,3 +239,8 @@ class ExactBackend(Backend):
         p = {**self.args, **params}
         return exact_search(queries, source, k, metric=self.metric, block_size=p["block_size"],
                             query_block=p["query_block"])
+
+
+def list_backends() -> list[str]:
+    """Names accepted by ``Index.create(backend=...)``."""
+    return BACKENDS.names()

@@ -4,7 +4,7 @@ Every process encodes a contiguous shard of the collection (cut on whole batches
 writes its vectors, ids and metadata atomically into ``.<index>.shards/`` beside the index
 folder; rank 0 then adds the shards, in order, to one :class:`~xmodal.index.Index` and
 commits it (the index's own atomic manifest-last commit). The rows, ids and metadata are
-those a 1-process :func:`xmodal.search.build_index` writes, in the same order.
+those a 1-process :func:`xmodal.index.build.build_index` writes, in the same order.
 """
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..data.pipeline import head_inputs
 from ..errors import ConfigError, DataError, XmodalError, where
+from ..models.base import pixel_tower
 from ..utils import atomic_write, atomic_write_json
+from . import build as B
 from .store import Index
 
 log = logging.getLogger(__name__)
@@ -34,13 +37,12 @@ def shard_folder(out: Path) -> Path:
 @torch.inference_mode()
 def _encode_dataset_shard(model: Any, cfg: Any, spec: Any, modality: str, lang: str | None, batch_size: int,
                           id_prefix: str, progress: bool, env: Any) -> Iterator[tuple[np.ndarray, list, list]]:
-    from .. import search as S
     from ..progress import track
-    from ..train.distributed import in_turns, shard_bounds
-    from ..train.pipeline import image_inputs, text_inputs
+    from ..distributed import in_turns, shard_bounds
+    from ..data.pipeline import image_inputs, text_inputs
 
-    cfg2, ds = S._dataset_for(cfg, spec, lang)
-    img_in, txt_in = S._head_inputs(cfg2, model)
+    cfg2, ds = B.dataset_for(cfg, spec, lang)
+    img_in, txt_in = head_inputs(cfg2, model)
     base = {"dataset": ds.name, "split": spec.split}
     # a frozen tower's feature cache is filled once, by rank 0, before the others read it
     if modality == "image":
@@ -56,25 +58,24 @@ def _encode_dataset_shard(model: Any, cfg: Any, spec: Any, modality: str, lang: 
     for start in track(starts, f"encoding {modality}s", total=len(starts), enabled=progress):
         idx = np.arange(start, min(start + batch_size, hi))
         vecs = encode(inputs(idx, "cpu")).float().numpy()  # (B, D)
-        ids, meta = S.item_records(ds, idx, modality, base, id_prefix)
+        ids, meta = B.item_records(ds, idx, modality, base, id_prefix)
         yield vecs, ids, meta
 
 
 @torch.inference_mode()
 def _encode_folder_shard(model: Any, folder: Path, batch_size: int, id_prefix: str, progress: bool, env: Any,
                          skipped: list[dict[str, str]]) -> Iterator[tuple[np.ndarray, list, list]]:
-    from .. import search as S
     from ..progress import track
-    from ..train.distributed import shard_bounds
+    from ..distributed import shard_bounds
 
-    tower = S._pixel_tower(model, f"indexing the image folder {folder}")
-    files = S.list_image_files(folder)
+    tower = pixel_tower(model, f"indexing the image folder {folder}")
+    files = B.list_image_files(folder)
     if not files:
-        raise DataError(f"{where(folder)}no images ({', '.join(S.IMAGE_SUFFIXES)}) under this folder")
+        raise DataError(f"{where(folder)}no images ({', '.join(B.IMAGE_SUFFIXES)}) under this folder")
     lo, hi = shard_bounds(len(files), env, align=batch_size)
     starts = range(lo, hi, batch_size)
     for start in track(starts, "encoding images", total=len(starts), enabled=progress):
-        pixels, ids, meta = S.folder_images(files[start:min(start + batch_size, hi)], folder, tower, id_prefix,
+        pixels, ids, meta = B.folder_images(files[start:min(start + batch_size, hi)], folder, tower, id_prefix,
                                             skipped)
         if pixels:
             yield model.encode_image(torch.stack(pixels)).float().numpy(), ids, meta  # (B, 3, H, W) -> (B, D)
@@ -113,25 +114,24 @@ def build_index_sharded(run: Any, data: Any, out: Any, *, env: Any, modality: st
                         backend: str | None = None, add: bool = False, batch_size: int = 256,
                         checkpoint: str = "best", lang: str | None = None, id_prefix: str | None = None,
                         dtype: str = "float32", progress: bool = False, device: Any = "cpu") -> Any:
-    """:func:`xmodal.search.build_index` with the encoding split over a ``torchrun`` job.
+    """:func:`xmodal.index.build.build_index` with the encoding split over a ``torchrun`` job.
 
     Every process calls it with the same arguments and ``env``
-    (:class:`xmodal.train.distributed.DistEnv`); every process returns the
-    :class:`~xmodal.search.BuildResult` (``added`` and ``total`` count the whole index).
+    (:class:`xmodal.distributed.DistEnv`); every process returns the
+    :class:`~xmodal.index.build.BuildResult` (``added`` and ``total`` count the whole index).
     ``device`` is the process group's device (a GPU under NCCL); encoding runs on the CPU,
-    as in :func:`~xmodal.search.build_index`.
+    as in :func:`~xmodal.index.build.build_index`.
     """
-    from .. import search as S
-    from ..models import load
-    from ..train.distributed import all_reduce_sum, barrier
+    from ..models.run import load
+    from ..distributed import all_reduce_sum, barrier
 
     t0 = time.perf_counter()
-    spec = S.check_build_args(data, modality, batch_size, backend)
+    spec = B.check_build_args(data, modality, batch_size, backend)
     out = Path(out)
-    ref = S.model_ref(run, checkpoint)
+    ref = B.model_ref(run, checkpoint)
     if add:
         with Index.open(out) as existing:  # checked on every rank, before any work
-            diff = S._same_model(existing.model_ref, ref)
+            diff = B.same_model(existing.model_ref, ref)
             if diff is not None:
                 raise XmodalError(f"{where(out)}built by another model ({diff} differs); vectors of two "
                                   "models cannot share an index")
@@ -144,8 +144,8 @@ def build_index_sharded(run: Any, data: Any, out: Any, *, env: Any, modality: st
         raise XmodalError(f"{where(out)}an index already exists here; pass --add to append to it, "
                           "or choose another --out")
 
-    model = S.check_embedding_model(load(ref["run"], checkpoint=ref["checkpoint"]))
-    cfg = model.xmodal_config
+    run_ = B.check_embedding_model(load(ref["run"], checkpoint=ref["checkpoint"]))
+    model, cfg = run_.model, run_.config
     prefix = (id_prefix or "") if spec.kind == "folder" else (f"{spec.split}/" if id_prefix is None else id_prefix)
     progress = progress and env.is_main
     skipped: list[dict[str, str]] = []
@@ -186,5 +186,5 @@ def build_index_sharded(run: Any, data: Any, out: Any, *, env: Any, modality: st
     # every rank reports the whole index; a failed rank 0 ends the job before this
     added = all_reduce_sum(env, added, torch.device(device))
     total = all_reduce_sum(env, total, torch.device(device))
-    return S.BuildResult(out, modality, added, total, all_skipped if env.is_main else skipped,
+    return B.BuildResult(out, modality, added, total, all_skipped if env.is_main else skipped,
                          time.perf_counter() - t0)

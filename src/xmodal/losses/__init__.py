@@ -14,29 +14,31 @@ optimizer must be given the loss's parameters too.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ..registry import Registry
-
-LOSSES: Registry[nn.Module] = Registry("loss")
-
-
-def resolve_pos_mask(pos_mask: torch.Tensor | None, n_images: int, n_texts: int,
-                     device: torch.device) -> torch.Tensor:
-    """A boolean ``(Bi, Bt)`` positives mask; None -> identity (needs ``Bi == Bt``)."""
-    if pos_mask is None:
-        if n_images != n_texts:
-            raise ValueError(f"pos_mask is required when the batch has {n_images} images and {n_texts} texts")
-        return torch.eye(n_images, dtype=torch.bool, device=device)
-    if tuple(pos_mask.shape) != (n_images, n_texts):
-        raise ValueError(f"pos_mask shape {tuple(pos_mask.shape)} != scores shape {(n_images, n_texts)}")
-    return pos_mask.to(device=device, dtype=torch.bool)
-
+from ..config import args_dict, parse_args
+from .base import LOSS_ARGS, LOSSES, resolve_pos_mask
+from .contrastive import InfoNCELoss, SigLIPLoss
+from .distill import AladinLoss  # noqa: F401  (registers "aladin")
+from .hinge import AdaptHingeLoss, HingeLoss
+from .relation import IaisLoss  # noqa: F401  (registers "iais")
+from .triplet import TripletLoss, cosine_distance
 
 def create_loss(name: str, **kwargs: object) -> nn.Module:
-    """Build a registered loss by name (``hinge``, ``adapt_hinge``, ``infonce``, ``siglip``, ``triplet``)."""
-    return LOSSES.create(name, **kwargs)
+    """Build a registered loss by name (``hinge``, ``adapt_hinge``, ``infonce``, ``siglip``, ``triplet``,
+    ``aladin``, ``iais``) from its ``loss.args``: ``kwargs`` are parsed into the loss's args
+    dataclass (:func:`loss_args`), so an unknown key or a value of the wrong type is a
+    :class:`~xmodal.errors.ConfigError` naming ``loss.args.<key>``."""
+    args = parse_args(loss_args(name), kwargs, "loss.args", f"loss {name}")
+    return LOSSES.create(name, **args_dict(args))
+
+
+def loss_args(name: str) -> type:
+    """The dataclass of a registered loss's ``loss.args`` (an unknown name: an error listing them)."""
+    LOSSES.get(name)
+    if name not in LOSS_ARGS:
+        raise TypeError(f"loss {name!r} declares no args dataclass in xmodal.losses.base.LOSS_ARGS")
+    return LOSS_ARGS[name]
 
 
 def list_losses() -> list[str]:
@@ -44,12 +46,6 @@ def list_losses() -> list[str]:
     return LOSSES.names()
 
 
-# imported last: the modules register themselves in LOSSES defined above
-from .contrastive import InfoNCELoss, SigLIPLoss  # noqa: E402
-from .distill import AladinLoss  # noqa: E402,F401  (registers "aladin")
-from .hinge import AdaptHingeLoss, HingeLoss  # noqa: E402
-from .relation import IaisLoss  # noqa: E402,F401  (registers "iais")
-from .triplet import TripletLoss, cosine_distance  # noqa: E402
 
-__all__ = ["LOSSES", "AdaptHingeLoss", "HingeLoss", "InfoNCELoss", "SigLIPLoss", "TripletLoss",
-           "cosine_distance", "create_loss", "list_losses", "resolve_pos_mask"]
+__all__ = ["LOSSES", "LOSS_ARGS", "AdaptHingeLoss", "HingeLoss", "InfoNCELoss", "SigLIPLoss", "TripletLoss",
+           "cosine_distance", "create_loss", "list_losses", "loss_args", "resolve_pos_mask"]

@@ -4,6 +4,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..registry import Registry
+
+
+LOSSES: Registry[nn.Module] = Registry("loss")
+#: registered loss name -> the dataclass of its ``loss.args`` (declared beside the loss class;
+#: :func:`xmodal.losses.create_loss` parses the keyword arguments into it before building)
+LOSS_ARGS: dict[str, type] = {}
+
+
+def resolve_pos_mask(pos_mask: torch.Tensor | None, n_images: int, n_texts: int,
+                     device: torch.device) -> torch.Tensor:
+    """A boolean ``(Bi, Bt)`` positives mask; None -> identity (needs ``Bi == Bt``)."""
+    if pos_mask is None:
+        if n_images != n_texts:
+            raise ValueError(f"pos_mask is required when the batch has {n_images} images and {n_texts} texts")
+        return torch.eye(n_images, dtype=torch.bool, device=device)
+    if tuple(pos_mask.shape) != (n_images, n_texts):
+        raise ValueError(f"pos_mask shape {tuple(pos_mask.shape)} != scores shape {(n_images, n_texts)}")
+    return pos_mask.to(device=device, dtype=torch.bool)
+
 
 class ScoreMatrixLoss(nn.Module):
     """A loss over the in-batch score matrix: ``forward`` scores embeddings by dot product,

@@ -6,14 +6,30 @@ embeddings (every :class:`~xmodal.models.base.EmbeddingScorer` does) for cosine 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from .base import LOSS_ARGS, LOSSES, ScoreMatrixLoss, resolve_pos_mask
 
-from .base import ScoreMatrixLoss
 
-from . import LOSSES, resolve_pos_mask
+@dataclass(frozen=True)
+class InfoNCEArgs:
+    """``loss.args`` of ``infonce`` (:class:`InfoNCELoss`)."""
+
+    init_temperature: float = 0.07
+    learn_temperature: bool = True
+    max_scale: float = 100.0
+
+
+@dataclass(frozen=True)
+class SigLIPArgs:
+    """``loss.args`` of ``siglip`` (:class:`SigLIPLoss`)."""
+
+    init_scale: float = 10.0
+    init_bias: float = -10.0
+    learn: bool = True
 
 
 @LOSSES.register("infonce")
@@ -55,6 +71,9 @@ class InfoNCELoss(ScoreMatrixLoss):
         return {"contrastive_loss": (loss_i2t + loss_t2i) / 2, "logit_scale": scale.detach()}
 
 
+LOSS_ARGS["infonce"] = InfoNCEArgs
+
+
 @LOSSES.register("siglip")
 class SigLIPLoss(ScoreMatrixLoss):
     """Pairwise sigmoid loss of SigLIP (Zhai et al., 2023).
@@ -79,3 +98,6 @@ class SigLIPLoss(ScoreMatrixLoss):
         labels = pos.to(logits.dtype) * 2 - 1  # (Bi, Bt) +1 / -1
         loss = -F.logsigmoid(labels * logits).sum() / scores.shape[0]
         return {"siglip_loss": loss, "logit_scale": scale.detach(), "logit_bias": self.logit_bias.detach()}
+
+
+LOSS_ARGS["siglip"] = SigLIPArgs

@@ -26,6 +26,7 @@ alignment head's scores), ``matching`` (the same hinge on the matching head's sc
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -34,9 +35,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import Registry
-from . import LOSSES, resolve_pos_mask
-from .base import ScoreMatrixLoss
 from .hinge import HingeLoss
+from .base import LOSS_ARGS, LOSSES, ScoreMatrixLoss, resolve_pos_mask
 
 #: Distillation objectives by name (student scores, teacher scores -> scalar).
 DISTILLATION: Registry[nn.Module] = Registry("distillation mode")
@@ -74,6 +74,21 @@ class MSEDistillation(nn.Module):
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(student * self.affine[0] + self.affine[1], teacher.detach())
+
+
+@dataclass(frozen=True)
+class AladinLossArgs:
+    """``loss.args`` of ``aladin`` (:class:`AladinLoss`; ``terms`` may be one name)."""
+
+    terms: tuple[str, ...] | str = ("alignment",)
+    weights: tuple[float, ...] | None = None
+    margin: float = 0.2
+    max_violation: bool = True
+    #: a :data:`DISTILLATION` mode (``listnet``, ``mse``)
+    distillation: str = "listnet"
+    student_temperature: float = 6.0
+    teacher_temperature: float = 1.0
+    activate_distillation_after: int = 0
 
 
 @LOSSES.register("aladin")
@@ -165,3 +180,6 @@ class AladinLoss(ScoreMatrixLoss):
             raise ValueError(f"aladin loss with terms {self.terms} needs both heads' scores: use combine()")
         head = heads[0]
         return {f"{head}_loss": self.weights[head] * self.hinge.from_scores(scores, pos_mask)["hinge_loss"]}
+
+
+LOSS_ARGS["aladin"] = AladinLossArgs

@@ -13,13 +13,13 @@ rates assume it); ``reduction="mean"`` divides by the number of positive pairs.
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import dataclass
+from typing import Literal
 
-from .base import ScoreMatrixLoss
+import torch
 
 from ..errors import ConfigError
-from . import LOSSES, resolve_pos_mask
+from .base import LOSS_ARGS, LOSSES, ScoreMatrixLoss, resolve_pos_mask
 
 
 def hinge_costs(scores: torch.Tensor, pos: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +41,24 @@ def _check_reduction(reduction: str) -> str:
     if reduction not in ("sum", "mean"):
         raise ConfigError(f"hinge loss: reduction must be 'sum' or 'mean', got {reduction!r}")
     return reduction
+
+
+@dataclass(frozen=True)
+class HingeArgs:
+    """``loss.args`` of ``hinge`` (:class:`HingeLoss`)."""
+
+    margin: float = 0.2
+    max_violation: bool = True
+    reduction: Literal["sum", "mean"] = "sum"
+
+
+@dataclass(frozen=True)
+class AdaptHingeArgs:
+    """``loss.args`` of ``adapt_hinge`` (:class:`AdaptHingeLoss`)."""
+
+    margin: float = 0.2
+    beta: float = 0.991
+    reduction: Literal["sum", "mean"] = "sum"
 
 
 @LOSSES.register("hinge")
@@ -68,6 +86,9 @@ class HingeLoss(ScoreMatrixLoss):
         if self.reduction == "mean":
             total = total / max(cost_s.shape[0], 1)
         return {"hinge_loss": total}
+
+
+LOSS_ARGS["hinge"] = HingeArgs
 
 
 @LOSSES.register("adapt_hinge")
@@ -114,3 +135,6 @@ class AdaptHingeLoss(ScoreMatrixLoss):
         if self.reduction == "mean":
             total = total / max(cost_s.shape[0], 1)
         return {"hinge_loss": total, "k": torch.tensor(k)}
+
+
+LOSS_ARGS["adapt_hinge"] = AdaptHingeArgs

@@ -24,18 +24,20 @@ Faithful to ``lancopku/IAIS`` (``model/model.py`` ``UniterEncoder``, ``model/itm
   ``exp(5 (t / T - 1))`` for ``exp`` (:func:`tsa_threshold`), ``t`` the optimiser step.
 
 :class:`IaisLoss` (registered ``iais``) bundles these with the hard-negative ranking hinge
-on sigmoid scores and the sampling sizes; :mod:`xmodal.train.hard_negatives` uses it.
+on sigmoid scores and the sampling sizes; :mod:`xmodal.train.tasks.hard_negatives` uses it.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from . import LOSSES
+from .base import LOSS_ARGS, LOSSES
 
 ALIGNMENTS = ("none", "singular", "distributed")
 SCHEDULES = ("exp", "linear", "log", "constant")
@@ -178,6 +180,28 @@ def itm_softmax(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 WARMUP_LOSSES = {"hinge": None, "itm": itm_bce, "softmax": itm_softmax}
 
 
+@dataclass(frozen=True)
+class IaisLossArgs:
+    """``loss.args`` of ``iais`` (:class:`IaisLoss`); the choices are :data:`ALIGNMENTS`,
+    :data:`SCHEDULES` and :data:`WARMUP_LOSSES`."""
+
+    margin: float = 0.2
+    negatives: int = 399
+    hard_negatives: int = 31
+    directions: Literal["alternate", "both"] = "alternate"
+    alignment: Literal["none", "singular", "distributed"] = "none"
+    weight: float = 1.0
+    schedule: Literal["exp", "linear", "log", "constant"] = "exp"
+    reduction: Literal["sum", "mean"] = "sum"
+    eps: float = 1e-6
+    random_steps: int = 0
+    pool: Literal["uniform", "first_stage"] = "uniform"
+    fusion: float = 0.0
+    warmup_loss: Literal["hinge", "itm", "softmax"] = "hinge"
+    #: run folders of the out-of-fold first stages (one per fold of ``data.train_holdout``)
+    cross_fit: list[str] | None = None
+
+
 @LOSSES.register("iais")
 class IaisLoss(nn.Module):
     """Hard-negative ITM ranking + IAIS relation alignment (the training objective of IAIS).
@@ -281,3 +305,6 @@ class IaisLoss(nn.Module):
 
     def forward(self, *args, **kwargs):  # pragma: no cover - guidance only
         raise ConfigError("loss 'iais' trains a cross-encoder (model.type: cross_encoder) with hard negatives")
+
+
+LOSS_ARGS["iais"] = IaisLossArgs

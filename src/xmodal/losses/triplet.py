@@ -25,12 +25,14 @@ tower trained from scratch). ``None`` (default): hardest negatives from step 0, 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from . import LOSSES, resolve_pos_mask
+from .base import LOSS_ARGS, LOSSES, resolve_pos_mask
 
 
 def cosine_distance(x1: torch.Tensor, x2: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
@@ -59,6 +61,16 @@ def _batch_hard(dist: torch.Tensor, pos: torch.Tensor, neg_dist: torch.Tensor, n
     hinge = F.relu(hard_pos[:, None] - neg_dist + margin).masked_fill(~neg, 0.0)  # (A, N)
     violating = (hinge > 0).sum(dim=1).clamp(min=1)  # (A,)
     return (hinge.sum(dim=1) / violating)[valid].mean()
+
+
+@dataclass(frozen=True)
+class TripletArgs:
+    """``loss.args`` of ``triplet`` (:class:`TripletLoss`)."""
+
+    margin: float = 0.3
+    intra_modal: bool = False
+    intra_weight: float = 1.0
+    hardest_after: int | None = None
 
 
 @LOSSES.register("triplet")
@@ -114,3 +126,6 @@ class TripletLoss(nn.Module):
     def _cross(self, d: torch.Tensor, pos: torch.Tensor, hardest: bool = True) -> torch.Tensor:
         return (_batch_hard(d, pos, d, ~pos, self.margin, hardest)  # image anchors
                 + _batch_hard(d.t(), pos.t(), d.t(), ~pos.t(), self.margin, hardest))  # text anchors
+
+
+LOSS_ARGS["triplet"] = TripletArgs

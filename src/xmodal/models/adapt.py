@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +54,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, XmodalError
-from . import MODELS
-from .base import PairScorer, TowerOutput, check_model_args
+from .base import MODEL_ARGS, MODELS, FrozenTowers, PairScorer, TowerOutput, parse_model_args
 
 log = logging.getLogger(__name__)
 
@@ -493,7 +493,7 @@ def _as_bool_mask(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tens
     return None if bool(mask.all()) else mask
 
 
-class Adapt(PairScorer):
+class Adapt(FrozenTowers, PairScorer):
     """ADAPT-T2I (``direction="t2i"``) or ADAPT-I2T (``direction="i2t"``) over two towers.
 
     Representations (:meth:`encode_image_reps` / :meth:`encode_text_reps`) are
@@ -502,7 +502,6 @@ class Adapt(PairScorer):
     :meth:`score` scores every image against every caption of two sets.
     """
 
-    task_name = "pair"
 
     def __init__(self, image_tower: nn.Module | None, text_tower: nn.Module | None, dim: int, *,
                  direction: str = "t2i", smooth: float = 10.0, train_smooth: bool = False,
@@ -545,18 +544,6 @@ class Adapt(PairScorer):
     # housekeeping -------------------------------------------------------------------
     def input_needs(self) -> tuple[str, str]:
         return ("tokens", "tokens")
-
-    def train(self, mode: bool = True) -> "Adapt":
-        super().train(mode)
-        # frozen towers stay in eval mode (BatchNorm statistics, dropout off)
-        for tower, frozen in ((self.image_tower, self.frozen_image), (self.text_tower, self.frozen_text)):
-            if tower is not None and frozen:
-                tower.eval()
-        return self
-
-    def frozen_prefixes(self) -> list[str]:
-        """State-dict prefixes not saved in checkpoints: rebuilt from their own weights."""
-        return [p for p, f in (("image_tower.", self.frozen_image), ("text_tower.", self.frozen_text)) if f]
 
     def _device(self) -> torch.device:
         return self.adapt.fc_gamma.weight.device
@@ -751,7 +738,6 @@ class Adapt(PairScorer):
 class AdaptEnsemble(PairScorer):
     """ADAPT-Ens: the average of the score matrices of separately trained ADAPT models."""
 
-    task_name = "pair"
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
         super().__init__()
@@ -765,16 +751,11 @@ class AdaptEnsemble(PairScorer):
     # The data pipeline reads the towers to decide how to feed a model (pixels, feature rows,
     # cached frozen outputs): the members' towers are configured alike (checked when built from
     # a config), so the first member's speak for all; properties keep them out of the state dict.
-    @property
-    def image_tower(self) -> nn.Module | None:
-        return getattr(self.members[0], "image_tower", None)
+    def tower(self, side: str) -> nn.Module | None:
+        return self.members[0].tower(side)
 
-    @property
-    def text_tower(self) -> nn.Module | None:
-        return getattr(self.members[0], "text_tower", None)
-
-    #: nothing of its own to train: a config with ``variant: ens`` is evaluated as it is
-    needs_training = False
+    def needs_training(self) -> bool:
+        return False
 
     def input_needs(self) -> tuple[str, str]:
         return ("tokens", "tokens")
@@ -801,54 +782,75 @@ class AdaptEnsemble(PairScorer):
 # ------------------------------------------------------------------------------------------
 # construction from a config
 # ------------------------------------------------------------------------------------------
-_ARGS = {
-    "variant": str, "smooth": (int, float), "train_smooth": bool, "normalization": str,
-    "region_act": str, "region_l2norm": bool, "word_l2norm": bool, "fused": str,
-    "chunk_mb": (int, float), "members": list, "latent_dim": int,
-}
+@dataclass(frozen=True)
+class AdaptArgs:
+    """``model.args`` of ``type: adapt`` (:class:`Adapt`; ``variant: ens`` builds :class:`AdaptEnsemble`)."""
+
+    #: ``t2i`` / ``i2t``: one ADAPT model (its ``direction``); ``ens``: the mean of ``members``
+    variant: Literal["t2i", "i2t", "ens"] = "t2i"
+    smooth: float = 10.0
+    train_smooth: bool = False
+    normalization: Literal["batchnorm", "none"] = "batchnorm"
+    region_act: Literal["leaky_relu", "none"] = "leaky_relu"
+    region_l2norm: bool = True
+    word_l2norm: bool = True
+    fused: Literal["auto", "compile", "eager"] = "auto"
+    chunk_mb: float = 256.0
+    #: run folders of separately trained ADAPT models (``variant: ens`` only)
+    members: list[str] | None = None
+    #: the adapted size; None: the towers' own (equal) output size, unprojected
+    latent_dim: int | None = None
 
 
-def _check_args(args: dict) -> dict:
-    out = check_model_args(args, _ARGS, "adapt")
-    variant = out.get("variant", "t2i")
-    if variant not in VARIANTS:
-        raise ConfigError(f"model.args.variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
-    if variant != "ens" and "members" in out:
+MODEL_ARGS["adapt"] = AdaptArgs
+#: the fields passed on to :class:`Adapt` as they are
+_MODEL_KWARGS = ("smooth", "train_smooth", "normalization", "region_act", "region_l2norm", "word_l2norm",
+                 "fused", "chunk_mb")
+
+
+def _check_args(args: dict | None) -> AdaptArgs:
+    out = parse_model_args(AdaptArgs, args, "adapt")
+    if out.variant != "ens" and "members" in (args or {}):
         raise ConfigError("model.args.members: only used with variant: ens")
     return out
 
 
+def _build_ensemble(cfg, args: AdaptArgs) -> nn.Module:
+    if not args.members:
+        raise ConfigError("model.args.members: variant ens averages separately trained ADAPT runs "
+                          "(as the paper does); list their run folders, e.g. [runs/t2i, runs/i2t]")
+    rest = [k for k in cfg.args if k not in ("variant", "members")]
+    if rest:
+        raise ConfigError(f"model.args: {', '.join(rest)} belong to the member runs, not to variant ens")
+    from .run import load
+
+    members = args.members
+    loaded = [load(str(run)) for run in members]
+    # the ensemble reads its data as its members do: their tower configs become its own
+    first = loaded[0].config.model
+    for run, m in zip(members[1:], loaded[1:]):
+        mcfg = m.config.model
+        for side in ("image", "text"):
+            a, b = getattr(first, side), getattr(mcfg, side)
+            if (a.name, a.args, a.frozen) != (b.name, b.args, b.frozen):
+                raise ConfigError(f"model.args.members: the members' {side} towers differ ({members[0]}: "
+                                  f"{a.name} {a.args} frozen={a.frozen}; {run}: {b.name} {b.args} "
+                                  f"frozen={b.frozen}); an ensemble's members must read the same inputs")
+    cfg.image, cfg.text = first.image, first.text
+    return AdaptEnsemble([r.model for r in loaded])
+
+
 def build_adapt(cfg) -> nn.Module:
     """Build ADAPT from a :class:`xmodal.config.ModelConfig` (``type: adapt``)."""
-    args = _check_args(cfg.args)
-    variant = args.pop("variant", "t2i")
-    if variant == "ens":
-        members = args.pop("members", None)
-        if not members:
-            raise ConfigError("model.args.members: variant ens averages separately trained ADAPT runs "
-                              "(as the paper does); list their run folders, e.g. [runs/t2i, runs/i2t]")
-        if args:
-            raise ConfigError(f"model.args: {', '.join(args)} belong to the member runs, not to variant ens")
-        from . import load
-
-        loaded = [load(str(run)) for run in members]
-        # the ensemble reads its data as its members do: their tower configs become its own
-        first = loaded[0].xmodal_config.model
-        for run, m in zip(members[1:], loaded[1:]):
-            mcfg = m.xmodal_config.model
-            for side in ("image", "text"):
-                a, b = getattr(first, side), getattr(mcfg, side)
-                if (a.name, a.args, a.frozen) != (b.name, b.args, b.frozen):
-                    raise ConfigError(f"model.args.members: the members' {side} towers differ ({members[0]}: "
-                                      f"{a.name} {a.args} frozen={a.frozen}; {run}: {b.name} {b.args} "
-                                      f"frozen={b.frozen}); an ensemble's members must read the same inputs")
-        cfg.image, cfg.text = first.image, first.text
-        return AdaptEnsemble(loaded)
+    parsed = _check_args(cfg.args)
+    if parsed.variant == "ens":
+        return _build_ensemble(cfg, parsed)
+    variant, latent = parsed.variant, parsed.latent_dim
+    args = {k: getattr(parsed, k) for k in _MODEL_KWARGS}
     from .dual import build_towers
 
     image, text = build_towers(cfg)
     d_img, d_txt = int(image.output_dim), int(text.output_dim)
-    latent = args.pop("latent_dim", None)
     if latent is None:
         if d_img != d_txt:
             raise ConfigError(f"model.image / model.text: ADAPT needs one latent size, but the image tower "

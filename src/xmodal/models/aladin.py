@@ -22,7 +22,7 @@ Two heads on one transformer backbone, faithful to ``mesnico/ALADIN`` (``alad/al
   original's ``final_projection_net``), shared by both modalities, over the backbone outputs;
   the first token's output, L2-normalised, is the embedding.
 
-Training (:class:`AladinTask`, ``task_name = "aladin"``) computes the batch's alignment and
+Training (:class:`xmodal.train.tasks.aladin.AladinTask`, ``task_name() == "aladin"``) computes the batch's alignment and
 matching score matrices and the configured :class:`xmodal.losses.distill.AladinLoss` terms.
 ``model.args.freeze_backbone`` fixes everything but the matching head (the ``*-finetune``
 setups, ``freeze-teran: True``); ``model.args.init_from`` starts from a finished run (the
@@ -46,17 +46,21 @@ original intends epochs, though its configs spell the key with underscores while
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, XmodalError
-from . import MODELS
-from .base import IMAGE_TOWERS, TEXT_TOWERS, EmbeddingScorer, PairScorer, TowerOutput, check_model_args
+from .base import (IMAGE_TOWERS, MODEL_ARGS, MODELS, TEXT_TOWERS, EmbeddingScorer, FrozenTowers, PairScorer,
+                   TowerOutput, parse_model_args)
 from .transformer import ImageEmbeddings, TransformerEncoder, image_token_inputs, load_bert
+
+if TYPE_CHECKING:
+    from .run import Run
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +128,9 @@ def skip_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, first: int,
 # ------------------------------------------------------------------------------------------
 # the model
 # ------------------------------------------------------------------------------------------
-class Aladin(PairScorer):
+class Aladin(FrozenTowers, PairScorer):
     """ALADIN evaluated with its alignment head (a pair scorer); see the module docstring."""
 
-    task_name = "aladin"
     eval_head = "alignment"
 
     def __init__(self, image_tower: nn.Module | None, text_tower: nn.Module | None, *, image_dim: int,
@@ -204,20 +207,15 @@ class Aladin(PairScorer):
     def input_needs(self) -> tuple[str, str]:
         return ("tokens", "tokens")
 
+    def task_name(self) -> str:
+        return "aladin"
+
     def train(self, mode: bool = True) -> "Aladin":
-        super().train(mode)
-        # frozen parts stay in eval mode: pretrained BatchNorm statistics, no dropout noise
-        for tower, frozen in ((self.image_tower, self.frozen_image), (self.text_tower, self.frozen_text)):
-            if tower is not None and frozen:
-                tower.eval()
+        super().train(mode)  # frozen towers stay in eval mode (FrozenTowers)
         if self.freeze_backbone:
             for m in self._backbone_modules():
                 m.eval()
         return self
-
-    def frozen_prefixes(self) -> list[str]:
-        """State-dict prefixes not saved in checkpoints: rebuilt from their own weights."""
-        return [p for p, f in (("image_tower.", self.frozen_image), ("text_tower.", self.frozen_text)) if f]
 
     def _device(self) -> torch.device:
         return self.image_cls.device
@@ -364,78 +362,60 @@ def load_weights_from(model: nn.Module, src: str | Path) -> None:
     with torch.no_grad():
         for k, v in saved.items():
             own[k].copy_(v)
-    skip = tuple(getattr(model, "frozen_prefixes", lambda: [])())
+    skip = tuple(model.frozen_prefixes())
     missing = [k for k in own if k not in saved and not (skip and k.startswith(skip))]
     log.info("init_from %s: %d tensors loaded%s", cand, len(saved),
              f", {len(missing)} not in it (kept as initialised)" if missing else "")
 
 
-# ------------------------------------------------------------------------------------------
-# the training task
-# ------------------------------------------------------------------------------------------
-class AladinTask(nn.Module):
-    """Batch step of ALADIN: backbone once per side, then the heads the loss needs."""
-
-    def __init__(self, model: Aladin, loss: nn.Module) -> None:
-        super().__init__()
-        if not hasattr(loss, "combine"):
-            raise ConfigError(f"an ALADIN model trains with loss 'aladin', not {type(loss).__name__}")
-        self.model = model
-        self.loss = loss
-
-    def training_step(self, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        from ..train.task import split_terms
-
-        m = self.model
-        img, txt = m.image_states(batch.images), m.text_states(batch.texts)
-        pos = batch.pos_mask.to(img.tokens.device)
-        align = match = None
-        if self.loss.needs_alignment:
-            # only a teacher (distillation without the alignment term): no gradient needed
-            with torch.set_grad_enabled(torch.is_grad_enabled() and "alignment" in self.loss.terms):
-                align = m.alignment_scores(_reps(m, img, "image"), _reps(m, txt, "text"))  # (B_img, B_txt)
-        if self.loss.needs_matching:
-            match = m.matching_embedding(img) @ m.matching_embedding(txt).t()  # (B_img, B_txt)
-        out = self.loss.combine(align, match, pos_mask=pos, step=step)
-        return split_terms(out)
-
-
-def _reps(model: Aladin, states: TowerOutput, side: str) -> TowerOutput:
-    tokens, mask = model.alignment_tokens(states, side)
-    return TowerOutput(tokens=tokens, pooled=states.pooled, mask=mask)
-
-
-def _register_task() -> None:
-    from ..train.task import TASKS
-
-    if "aladin" not in TASKS:
-        TASKS.register("aladin")(AladinTask)
-
-
-_register_task()
 
 
 # ------------------------------------------------------------------------------------------
 # construction from a config
 # ------------------------------------------------------------------------------------------
-_NUM = (int, float)
-_ARGS: dict[str, Any] = {
-    "dim": int, "depth": int, "heads": int, "ff_dim": (int, type(None)), "dropout": _NUM, "activation": str,
-    "norm_first": bool, "shared_backbone": bool, "box_dim": int, "grid": (list, type(None)),
-    "text_init": (str, type(None)), "max_text_length": int, "match_layers": int, "match_heads": int,
-    "match_ff_dim": (int, type(None)), "match_dropout": _NUM, "align_skip_image": list, "align_skip_text": list,
-    "eval_head": str, "freeze_backbone": bool, "init_from": (str, type(None)), "chunk_mb": _NUM,
-}
+@dataclass(frozen=True)
+class AladinArgs:
+    """``model.args`` of ``type: aladin`` (:class:`Aladin`, or :class:`AladinMatching` with
+    ``eval_head: matching``)."""
+
+    dim: int = 256
+    depth: int = 2
+    heads: int = 4
+    ff_dim: int | None = None
+    dropout: float = 0.1
+    activation: str = "gelu"
+    norm_first: bool = False
+    shared_backbone: bool = True
+    box_dim: int = 6
+    grid: list[int] | None = None
+    #: a BERT checkpoint for the text side (then ``dim`` ... ``norm_first`` come from it)
+    text_init: str | None = None
+    max_text_length: int = 40
+    match_layers: int = 2
+    match_heads: int = 4
+    match_ff_dim: int | None = None
+    match_dropout: float = 0.1
+    #: ``[first, last]`` tokens left out of the alignment (two non-negative integers)
+    align_skip_image: tuple[int, ...] = (1, 0)
+    align_skip_text: tuple[int, ...] = (1, 2)
+    eval_head: Literal["alignment", "matching"] = "alignment"
+    freeze_backbone: bool = False
+    #: a finished run whose weights training starts from (read by ``prepare_training``)
+    init_from: str | None = None
+    chunk_mb: float = 64.0
 
 
-def _check_args(args: dict) -> dict:
-    out = check_model_args(args, _ARGS, "aladin")
-    if out.get("eval_head", "alignment") not in HEADS:
-        raise ConfigError(f"model.args.eval_head: expected alignment or matching, got {out['eval_head']!r}")
+MODEL_ARGS["aladin"] = AladinArgs
+#: the fields the builder reads itself; the others are passed on to the model as they are
+_BUILDER_ONLY = ("eval_head", "init_from", "text_init")
+
+
+def _check_args(args: dict | None) -> AladinArgs:
+    out = parse_model_args(AladinArgs, args, "aladin")
     for key in ("align_skip_image", "align_skip_text"):
-        v = out.get(key)
-        if v is not None and (len(v) != 2 or any(not isinstance(n, int) or n < 0 for n in v)):
-            raise ConfigError(f"model.args.{key}: expected [first, last], two non-negative integers, got {v!r}")
+        v = getattr(out, key)
+        if len(v) != 2 or any(n < 0 for n in v):
+            raise ConfigError(f"model.args.{key}: expected [first, last], two non-negative integers, got {list(v)!r}")
     return out
 
 
@@ -452,10 +432,10 @@ def build_aladin(cfg) -> Aladin:
     from . import image as _image  # noqa: F401  (registers image towers)
     from . import text as _text  # noqa: F401  (registers text towers)
 
-    args = _check_args(cfg.args)
-    head = args.pop("eval_head", "alignment")
-    args.pop("init_from", None)  # used by prepare_training only
-    text_init = args.pop("text_init", None)
+    parsed = _check_args(cfg.args)
+    given = set(cfg.args or {})
+    head, text_init = parsed.eval_head, parsed.text_init  # init_from: used by prepare_training only
+    args = {f.name: getattr(parsed, f.name) for f in fields(parsed) if f.name not in _BUILDER_ONLY}
     image_tower = _tower(IMAGE_TOWERS, cfg.image)
     if getattr(image_tower, "input_kind", "features") == "features":
         # region rows are the image tokens themselves (Oscar's img_embedding is in the model)
@@ -466,9 +446,9 @@ def build_aladin(cfg) -> Aladin:
     bert = text_tower = None
     text_dim = None
     if text_init:
-        bert = load_bert(text_init, dropout=args.get("dropout"))
+        bert = load_bert(text_init, dropout=args["dropout"] if "dropout" in given else None)
         for key in ("dim", "depth", "heads", "ff_dim", "activation", "norm_first"):
-            if key in args:
+            if key in given:
                 raise ConfigError(f"model.args.{key}: set by the BERT checkpoint of text_init, remove it")
     else:
         text_tower = _tower(TEXT_TOWERS, cfg.text)
@@ -484,18 +464,13 @@ def _build(cfg) -> nn.Module:
 
 
 def load_run(run_dir: str | Path, eval_head: str | None = None, checkpoint: str = "best",
-             device: str = "cpu") -> Aladin:
+             device: str = "cpu") -> "Run":
     """Reload an ALADIN run, evaluated with ``eval_head`` (default: the run's own)."""
-    from safetensors.torch import load_file
-
     from ..config import load_config
-    from ..train.checkpoint import _load_model_tensors, latest_checkpoint
+    from .run import Run, checkpoint_dir, load_weights_file, step_of
 
     run_dir = Path(run_dir)
-    path = run_dir / "best" if checkpoint == "best" else (latest_checkpoint(run_dir) if checkpoint == "latest"
-                                                          else Path(checkpoint))
-    if path is None or not (path / "model.safetensors").exists():
-        raise XmodalError(f"{run_dir}: no {checkpoint} checkpoint")
+    path = checkpoint_dir(run_dir, checkpoint)
     cfg = load_config(path / "config.yaml")
     if cfg.model.type != "aladin":
         raise ConfigError(f"{run_dir}: model type {cfg.model.type!r} is not aladin")
@@ -504,7 +479,6 @@ def load_run(run_dir: str | Path, eval_head: str | None = None, checkpoint: str 
             raise ConfigError(f"eval_head: expected alignment or matching, got {eval_head!r}")
         cfg.model.args["eval_head"] = eval_head
     model = build_aladin(cfg.model)
-    _load_model_tensors(model, load_file(str(path / "model.safetensors")), path / "model.safetensors")
-    model.xmodal_config = cfg
-    return model.to(device).eval()
+    load_weights_file(model, path / "model.safetensors")
+    return Run(model.to(device).eval(), cfg, run_dir, step_of(path), path)
 

@@ -27,7 +27,7 @@ baseline) whose embeddings ride along in the representations' ``pooled`` field, 
 re-ranks its own first stage (``eval.rerank_k`` during training validation, ``xmodal eval RUN
 --rerank-k K``); it is frozen and not saved in checkpoints (rebuilt from its run folder).
 
-Training: ``task_name = "itm_hard_negatives"`` (:mod:`xmodal.train.hard_negatives`) with
+Training: ``task_name() == "itm_hard_negatives"`` (:mod:`xmodal.train.tasks.hard_negatives`) with
 ``loss: {name: iais}`` (:mod:`xmodal.losses.relation`); :meth:`forward_pairs` returns the
 last layer's attention logits of the positive pairs for the relation alignment.
 
@@ -47,16 +47,16 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, XmodalError
-from . import MODELS
-from .base import IMAGE_TOWERS, EmbeddingScorer, PairScorer, TowerOutput, check_model_args
+from .base import IMAGE_TOWERS, MODEL_ARGS, MODELS, EmbeddingScorer, PairScorer, TowerOutput, parse_model_args
 from .transformer import TextEmbeddings, TransformerEncoder, image_token_inputs, load_bert
 
 log = logging.getLogger(__name__)
@@ -102,14 +102,14 @@ def boxes7(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat([boxes, boxes[..., 4:5] * boxes[..., 5:6]], dim=-1)  # (..., 7)
 
 
-class _FirstStage(nn.Module):
+class FirstStage(nn.Module):
     """A finished embedding model, frozen; rebuilt from its run folder (not checkpointed)."""
 
     def __init__(self, run_dir: str) -> None:
         super().__init__()
-        from ..train.checkpoint import load_model
+        from .run import load
 
-        model = load_model(run_dir)
+        model = load(run_dir).model
         if not isinstance(model, EmbeddingScorer):
             raise ConfigError(f"model.args.first_stage: {run_dir} holds a {type(model).__name__}, "
                               "not an embedding model (a first stage encodes images and texts independently)")
@@ -117,7 +117,7 @@ class _FirstStage(nn.Module):
         self.model = model.eval()
         self.run_dir = str(run_dir)
 
-    def train(self, mode: bool = True) -> "_FirstStage":
+    def train(self, mode: bool = True) -> "FirstStage":
         return super().train(False)
 
     def rebuilt_from_source(self) -> bool:
@@ -127,7 +127,9 @@ class _FirstStage(nn.Module):
 class CrossEncoder(PairScorer):
     """UNITER-style single-stream image-text matching model; see the module docstring."""
 
-    task_name = "itm_hard_negatives"
+    def task_name(self) -> str:
+        return "itm_hard_negatives"
+
 
     def __init__(self, image_tower: nn.Module | None, *, image_dim: int, embeddings: TextEmbeddings,
                  encoder: TransformerEncoder, tokenizer: Any, box_dim: int = 7, grid: Any = None,
@@ -171,7 +173,7 @@ class CrossEncoder(PairScorer):
         if not new_lr_scale > 0:
             raise ConfigError(f"model.args.new_lr_scale: expected a positive number, got {new_lr_scale!r}")
         self.new_lr_scale = float(new_lr_scale)
-        self.first_stage = _FirstStage(first_stage) if first_stage else None
+        self.first_stage = FirstStage(first_stage) if first_stage else None
 
     # bookkeeping --------------------------------------------------------------------
     def input_needs(self) -> tuple[str, str]:
@@ -335,11 +337,11 @@ class CrossEncoder(PairScorer):
         return self._score_index(image_reps, text_reps, ii, tt)
 
     def first_stage_embeddings(self, image_reps: TowerOutput,
-                               text_reps: TowerOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attached first stage's embeddings (``model.args.first_stage``)."""
+                               text_reps: TowerOutput) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The attached first stage's embeddings (``model.args.first_stage``), None without one
+        (set ``model.args.first_stage: RUN`` or pass ``--first-stage RUN``)."""
         if self.first_stage is None or image_reps.pooled.shape[-1] == 0:
-            raise ConfigError("cross_encoder: no first stage attached; set model.args.first_stage: RUN "
-                              "(an embedding model's run folder) or pass --first-stage RUN")
+            return None
         return image_reps.pooled, text_reps.pooled
 
     # training -----------------------------------------------------------------------------
@@ -358,25 +360,43 @@ class CrossEncoder(PairScorer):
                               "(exact: every pair through the transformer, slow)")
 
 
-def _register_task() -> None:
-    # the task lives in train/ (it samples from the split); import it so TASKS knows it
-    from ..train import hard_negatives  # noqa: F401
-
-
-_register_task()
 
 
 # ------------------------------------------------------------------------------------------
 # construction from a config
 # ------------------------------------------------------------------------------------------
-_NUM = (int, float)
-_ARGS: dict[str, Any] = {
-    "text_init": (str, type(None)), "text_init_weights": bool, "layers": (int, type(None)),
-    "dim": int, "depth": int, "heads": int, "ff_dim": (int, type(None)), "dropout": _NUM,
-    "box_dim": int, "grid": (list, type(None)), "max_text_length": int, "pair_batch": int,
-    "first_stage": (str, type(None)), "pooler_init": bool, "new_lr_scale": _NUM, "init_std": _NUM,
-    "pooling": str, "init_from": (str, type(None)), "text_layers": int,
-}
+@dataclass(frozen=True)
+class CrossEncoderArgs:
+    """``model.args`` of ``type: cross_encoder`` (:class:`CrossEncoder`, see :func:`build_cross_encoder`)."""
+
+    #: the BERT checkpoint of the tokenizer and (``text_init_weights``) the weights; None: MiniLM
+    text_init: str | None = None
+    text_init_weights: bool = True
+    #: checkpoint layers kept in the joint encoder (None: all above ``text_layers``)
+    layers: int | None = None
+    #: a random model's size (``text_init_weights: false`` only)
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    ff_dim: int | None = None
+    dropout: float = 0.1
+    box_dim: int = 7
+    grid: list[int] | None = None
+    max_text_length: int = 40
+    pair_batch: int = 256
+    #: a finished embedding model's run folder: the first stage that shortlists for re-ranking
+    first_stage: str | None = None
+    pooler_init: bool = True
+    new_lr_scale: float = 1.0
+    init_std: float = 0.02
+    pooling: Literal["cls", "mean"] = "cls"
+    #: a finished run whose weights training starts from (read by ``prepare_training``)
+    init_from: str | None = None
+    #: checkpoint layers that read the text alone, below the joint encoder
+    text_layers: int = 0
+
+
+MODEL_ARGS["cross_encoder"] = CrossEncoderArgs
 _RANDOM_ONLY = ("dim", "depth", "heads", "ff_dim")
 
 
@@ -389,23 +409,24 @@ def build_cross_encoder(cfg) -> CrossEncoder:
     """
     from . import image as _image  # noqa: F401  (registers image towers)
 
-    args = check_model_args(cfg.args, _ARGS, "cross_encoder")
-    dropout = float(args.get("dropout", 0.1))
+    args = parse_model_args(CrossEncoderArgs, cfg.args, "cross_encoder")
+    given = set(cfg.args or {})
+    dropout = args.dropout
     # UNITER's 0.02 suits 768-d; a small random model (tests) needs ~dim^-1/2, or the value and
     # output projections shrink the attention so much that [CLS] ignores the pair
-    init_std = float(args.get("init_std", 0.02))
+    init_std = args.init_std
     if not init_std > 0:
         raise ConfigError(f"model.args.init_std: expected a positive number, got {init_std!r}")
-    bert = load_bert(args.get("text_init"), dropout=dropout)
+    bert = load_bert(args.text_init, dropout=dropout)
     pooler_state = None
-    if args.get("text_init_weights", True):
-        bad = [k for k in _RANDOM_ONLY if k in args]
+    if args.text_init_weights:
+        bad = [k for k in _RANDOM_ONLY if k in given]
         if bad:
             raise ConfigError(f"model.args.{bad[0]}: set by the text_init checkpoint; remove it "
                               "(or set text_init_weights: false for a random model)")
         embeddings, encoder = bert["embeddings"], bert["encoder"]
-        below = int(args.get("text_layers", 0))
-        keep = args.get("layers")
+        below = args.text_layers
+        keep = args.layers
         keep = encoder.depth - below if keep is None else keep
         if not 0 <= below < encoder.depth:
             raise ConfigError(f"model.args.text_layers: expected 0..{encoder.depth - 1} (the checkpoint has "
@@ -417,18 +438,18 @@ def build_cross_encoder(cfg) -> CrossEncoder:
         text_layers = layers[:below]
         encoder.layers = nn.ModuleList(layers[below:below + keep])
         encoder.depth = keep
-        if args.get("pooler_init", True):
+        if args.pooler_init:
             pooler_state = _checkpoint_pooler(bert["path"])
     else:
-        if args.get("pooler_init"):
+        if "pooler_init" in given and args.pooler_init:
             raise ConfigError("model.args.pooler_init: only with text_init_weights: true (the checkpoint's pooler)")
         for key in ("layers", "text_layers"):
-            if key in args:
+            if key in given:
                 raise ConfigError(f"model.args.{key}: only with text_init_weights: true; use depth")
         text_layers = []
-        dim, depth, heads = int(args.get("dim", 64)), int(args.get("depth", 2)), int(args.get("heads", 4))
+        dim, depth, heads = args.dim, args.depth, args.heads
         embeddings = TextEmbeddings(len(bert["tokenizer"]), dim, 512, 2, dropout)
-        encoder = TransformerEncoder(dim, depth, heads, args.get("ff_dim"), dropout)
+        encoder = TransformerEncoder(dim, depth, heads, args.ff_dim, dropout)
         _init_weights(embeddings, init_std)
         _init_weights(encoder, init_std)
     image_tower = IMAGE_TOWERS.create(cfg.image.name, **cfg.image.args)
@@ -441,20 +462,20 @@ def build_cross_encoder(cfg) -> CrossEncoder:
             image_tower.requires_grad_(False)
             image_tower.eval()
     return CrossEncoder(image_tower, image_dim=image_dim, embeddings=embeddings, encoder=encoder,
-                        tokenizer=bert["tokenizer"], box_dim=int(args.get("box_dim", 7)), grid=args.get("grid"),
-                        dropout=dropout, max_text_length=int(args.get("max_text_length", 40)),
-                        pair_batch=int(args.get("pair_batch", 256)), first_stage=args.get("first_stage"),
+                        tokenizer=bert["tokenizer"], box_dim=args.box_dim, grid=args.grid,
+                        dropout=dropout, max_text_length=args.max_text_length,
+                        pair_batch=args.pair_batch, first_stage=args.first_stage,
                         frozen_image=cfg.image.frozen, pooler_state=pooler_state,
-                        new_lr_scale=float(args.get("new_lr_scale", 1.0)), init_std=init_std,
-                        pooling=str(args.get("pooling", "cls")), text_layers=text_layers)
+                        new_lr_scale=args.new_lr_scale, init_std=init_std,
+                        pooling=args.pooling, text_layers=text_layers)
 
 
 def _checkpoint_pooler(path: str) -> dict[str, torch.Tensor] | None:
     """The checkpoint's BERT pooler ``{weight, bias}``, or None when it has none."""
-    from .transformer import _bert_prefix, _read_state
+    from .transformer import bert_prefix, read_state
 
-    state = _read_state(Path(path))
-    pre = _bert_prefix(state)
+    state = read_state(Path(path))
+    pre = bert_prefix(state)
     if f"{pre}pooler.dense.weight" not in state:
         log.info("%s has no pooler; the cross-encoder's pooler starts random", path)
         return None

@@ -9,13 +9,15 @@ run once over the data and its outputs are cached by the trainer; training then 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import IMAGE_TOWERS, TEXT_TOWERS, EmbeddingScorer, TowerOutput
+from .base import (IMAGE_TOWERS, MODEL_ARGS, MODELS, TEXT_TOWERS, EmbeddingScorer, FrozenTowers, TowerOutput,
+                   parse_model_args)
 from .heads.projection import ProjectionHead
 
 
@@ -33,7 +35,7 @@ def build_towers(cfg) -> tuple[nn.Module, nn.Module]:
     return image, text
 
 
-class DualEncoder(EmbeddingScorer):
+class DualEncoder(FrozenTowers, EmbeddingScorer):
     """Two towers + two projection heads into one ``embed_dim`` space (L2-normalised)."""
 
     def __init__(self, image_tower: nn.Module, text_tower: nn.Module, embed_dim: int,
@@ -47,15 +49,6 @@ class DualEncoder(EmbeddingScorer):
         self.embed_dim = embed_dim
         self.image_head = ProjectionHead(image_tower.output_dim, embed_dim, **(image_head or {}))
         self.text_head = ProjectionHead(text_tower.output_dim, embed_dim, **(text_head or {}))
-
-    def train(self, mode: bool = True) -> "DualEncoder":
-        super().train(mode)
-        # frozen towers stay in eval mode (BatchNorm statistics, dropout off)
-        if self.frozen_image:
-            self.image_tower.eval()
-        if self.frozen_text:
-            self.text_tower.eval()
-        return self
 
     # towers -------------------------------------------------------------------------
     def image_features(self, images: Any) -> TowerOutput:
@@ -87,11 +80,24 @@ class DualEncoder(EmbeddingScorer):
         feats = texts if isinstance(texts, TowerOutput) else self.text_features(texts)
         return self.embed_text(feats, normalize)
 
-    def frozen_prefixes(self) -> list[str]:
-        """State-dict prefixes not saved in checkpoints: rebuilt from their own weights."""
-        out = []
-        if self.frozen_image:
-            out.append("image_tower.")
-        if self.frozen_text:
-            out.append("text_tower.")
-        return out
+
+@dataclass(frozen=True)
+class DualEncoderArgs:
+    """``model.args`` of ``type: dual_encoder``: none (the towers and heads have their own
+    sections, ``model.image`` / ``model.text`` / ``model.image_head`` / ``model.text_head``)."""
+
+
+MODEL_ARGS["dual_encoder"] = DualEncoderArgs
+
+
+@MODELS.register("dual_encoder")
+def _build(cfg: Any) -> DualEncoder:
+    parse_model_args(DualEncoderArgs, cfg.args, "dual_encoder")  # refuses any key, naming it
+    image, text = build_towers(cfg)
+
+    def head(h: Any) -> dict:
+        return dict(input=h.input, pooling=h.pooling, pooling_args=h.pooling_args, proj=h.proj,
+                    hidden_dim=h.hidden_dim, dropout=h.dropout)
+
+    return DualEncoder(image, text, cfg.embed_dim, head(cfg.image_head), head(cfg.text_head),
+                       frozen_image=cfg.image.frozen, frozen_text=cfg.text.frozen)

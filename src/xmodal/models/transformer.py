@@ -203,7 +203,7 @@ def grid_boxes(height: int, width: int, device: Any = None) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------
 # BERT-type checkpoints
 # ------------------------------------------------------------------------------------------
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
+def read_state(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint folder: safetensors, else ``pytorch_model.bin`` (weights only)."""
     st = path / "model.safetensors"
     if st.exists():
@@ -219,7 +219,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     raise XmodalError(f"{path}: no model.safetensors or pytorch_model.bin")
 
 
-def _bert_prefix(state: dict[str, torch.Tensor]) -> str:
+def bert_prefix(state: dict[str, torch.Tensor]) -> str:
     """'' for BertModel files, 'bert.' for task heads (Oscar/VinVL ``ImageBertFor...``)."""
     for prefix in ("", "bert.", "model."):
         if f"{prefix}embeddings.word_embeddings.weight" in state:
@@ -268,8 +268,8 @@ def load_bert(name_or_path: str | None, dropout: float | None = None) -> dict[st
     emb = TextEmbeddings(int(config["vocab_size"]), dim, int(config.get("max_position_embeddings", 512)),
                          int(config.get("type_vocab_size", 2)), p, eps)
     enc = TransformerEncoder(dim, depth, heads, int(config["intermediate_size"]), p, act, False, eps)
-    state = _read_state(path)
-    pre = _bert_prefix(state)
+    state = read_state(path)
+    pre = bert_prefix(state)
     mapping = {
         "word.weight": "embeddings.word_embeddings.weight",
         "position.weight": "embeddings.position_embeddings.weight",

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, XmodalError, where
-from ..search import EMOJI_MARK
+from ..index.build import EMOJI_MARK
+from ..models.base import pixel_tower
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,9 @@ class SearchService:
     one lock, index searches under another, so a request's search overlaps the next one's encode.
     """
 
-    def __init__(self, index: Any, model: Any, text_index: Any = None, *,
+    def __init__(self, index: Any, run: Any, text_index: Any = None, *,
                  image_root: str | os.PathLike | None = None, reranker: Any = None) -> None:
-        from ..search import check_embedding_model
+        from ..index.build import check_embedding_model
 
         if index.modality != "image":
             raise ConfigError(f"{where(index.path)}a {index.modality} index; serve an image index as INDEX "
@@ -104,11 +105,14 @@ class SearchService:
                               f"{index.dim}: built by another model")
         self.index = index
         self.text_index = text_index
-        self.model = check_embedding_model(model)
+        self.run = check_embedding_model(run)
+        self.model = self.run.model
         #: a :class:`xmodal.search.Reranker` re-ordering each shortlist with a pair scorer
         self.reranker = reranker
-        tower = getattr(model, "image_tower", None)
-        self.pixel_tower = tower if getattr(tower, "input_kind", None) == "pixels" and hasattr(tower, "preprocess") else None
+        try:
+            self.pixel_tower = pixel_tower(self.model, "an image query")
+        except ConfigError:
+            self.pixel_tower = None
         self._encode_lock = threading.Lock()
         self._search_lock = threading.Lock()
         self._thumbs: OrderedDict[int, bytes] = OrderedDict()
@@ -200,7 +204,7 @@ class SearchService:
         """Top-``k`` images (and captions, with a text index) for a decoded PIL image."""
         if self.pixel_tower is None:
             raise ApiError(400, "image_search_unavailable",
-                           f"this index's model ({type(self.model.image_tower).__name__}) reads precomputed "
+                           f"this index's model ({type(self.model.tower('image')).__name__}) reads precomputed "
                            "feature rows, not pixels: image queries need a pixel model")
         pixels = self.pixel_tower.preprocess(image)[None]  # (1, 3, H, W)
         with self._encode_lock:
@@ -275,15 +279,15 @@ def load_service(index: str | os.PathLike, text_index: str | os.PathLike | None 
     (by pair score + ``rerank_fusion`` x index score; default: that run's ``eval.rerank_fusion``).
     """
     from ..index import Index
-    from ..search import _same_model, load_index_model
+    from ..index.build import load_index_run, same_model
 
     ix = Index.open(index)
-    model = load_index_model(ix, run)
+    run_ = load_index_run(ix, run)
     tix = None
     if text_index is not None:
         tix = Index.open(text_index)
         if ix.model_ref is not None and tix.model_ref is not None:
-            diff = _same_model(tix.model_ref, ix.model_ref)
+            diff = same_model(tix.model_ref, ix.model_ref)
             if diff is not None and diff != "run":  # a moved run keeps its hashes
                 raise ConfigError(f"{where(tix.path)}built by another model than {ix.path} ({diff} differs)")
     reranker = None
@@ -292,7 +296,7 @@ def load_service(index: str | os.PathLike, text_index: str | os.PathLike | None 
         from ..search import Reranker
 
         reranker = Reranker(load(rerank), k=rerank_k, fusion=rerank_fusion)
-    return SearchService(ix, model, tix, image_root=image_root, reranker=reranker)
+    return SearchService(ix, run_, tix, image_root=image_root, reranker=reranker)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,15 +327,24 @@ def _decode_upload(data: bytes, filename: str) -> Any:
 def create_app(service: SearchService) -> Any:
     """The FastAPI app serving ``service`` (see the module docstring for the endpoints)."""
     require_server_packages()
-    from fastapi import FastAPI, Path as PathParam, Query, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from starlette.concurrency import run_in_threadpool
-    from starlette.datastructures import UploadFile
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi import FastAPI
 
     app = FastAPI(title="xmodal search", version="1", summary="Cross-modal image-text search over an xmodal index.")
     page = _page()
+    _add_error_handlers(app)
+    _add_query_routes(app, service, page)
+    _add_image_search_route(app, service)
+    _add_thumb_route(app, service)
+    app.state.service = service
+    return app
+
+
+def _add_error_handlers(app: Any) -> None:
+    """Answer every failure with ``{"error": {"code", "message"}}`` (unexpected ones as a logged 500)."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     def error(status: int, code: str, message: str) -> JSONResponse:
         # after a refused upload the rest of its body is unread: close the connection rather
@@ -365,6 +378,12 @@ def create_app(service: SearchService) -> Any:
         log.exception("%s %s failed", request.method, request.url.path)
         return error(500, "internal_error", "internal server error (see the server log)")
 
+
+def _add_query_routes(app: Any, service: SearchService, page: str) -> None:
+    """``GET /``, ``/api/health``, ``/api/info`` and ``/api/search`` (text -> image)."""
+    from fastapi import Query
+    from fastapi.responses import HTMLResponse
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index_page() -> HTMLResponse:
         return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
@@ -384,6 +403,14 @@ def create_app(service: SearchService) -> Any:
         if not text:
             raise ApiError(400, "empty_query", "q: empty query; give some text")
         return {"query": text, "k": k, "results": service.search_text(text, k)}
+
+
+def _add_image_search_route(app: Any, service: SearchService) -> None:
+    """``POST /api/search/image``: an uploaded image (multipart ``file`` or raw ``image/*`` body)."""
+    from fastapi import Query, Request
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     upload_doc = {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
@@ -443,14 +470,17 @@ def create_app(service: SearchService) -> Any:
             raise ApiError(400, "empty_file", "the uploaded file is empty")
         return data, Path(name).name
 
+
+def _add_thumb_route(app: Any, service: SearchService) -> None:
+    """``GET /api/thumb/{row}``: a JPEG thumbnail of an indexed image."""
+    from fastapi import Path as PathParam
+    from fastapi.responses import Response
+
     @app.get("/api/thumb/{row}", summary="Thumbnail (JPEG) of an indexed image",
              responses={200: {"content": {"image/jpeg": {}}}}, response_class=Response)
     def thumb(row: int = PathParam(..., ge=0, description="row number in the image index")) -> Response:
         return Response(service.thumbnail(row), media_type="image/jpeg",
                         headers={"Cache-Control": "public, max-age=3600"})
-
-    app.state.service = service
-    return app
 
 
 def is_loopback(host: str) -> bool:

@@ -58,11 +58,11 @@ def evaluate_synthesis(syn_dir: str | Path, *, split: str | None = None, lang: s
     from ..models import load
 
     G, info = load_synthesizer(syn_dir)
-    model = load(info["run"])
-    cfg = model.xmodal_config
+    run_ = load(info["run"])
+    model, cfg = run_.model, run_.config
     split = split or cfg.data.test_split
     lang = lang or cfg.data.eval_lang
-    cond = prepare_conditions(model, split, lang, progress=progress)
+    cond = prepare_conditions(run_, split, lang, progress=progress)
     ds = cond.dataset
     fake = synthesize(G, cond.text_emb, seed=seed)  # (M, 64, 64, 3): one per caption
     fake_emb = embed_pixels(model, fake, progress=progress)
@@ -87,11 +87,12 @@ def judge_synthesis(judge: str | Path, fake: np.ndarray, cond, split: str, lang:
     from ..errors import XmodalError
     from ..models import load
 
-    model = load(judge)
-    if getattr(model.image_tower, "input_kind", "features") != "pixels":
+    judge_run = load(judge)
+    model = judge_run.model
+    if model.tower("image") is None or model.tower("image").input_kind != "pixels":
         raise XmodalError(f"judge {judge}: its image tower ({type(model.image_tower).__name__}) does not read "
                           "pixels, so it cannot embed synthesized images")
-    jc = prepare_conditions(model, split, lang, progress=progress)
+    jc = prepare_conditions(judge_run, split, lang, progress=progress)
     ds, jds = cond.dataset, jc.dataset
     if list(jds.text_ids) != list(ds.text_ids) or list(jds.image_ids) != list(ds.image_ids):
         raise XmodalError(f"judge {judge}: its {split} split ({jds.num_texts} captions, {jds.num_images} images) "

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, XmodalError
+from ..models.base import FrozenTowers, pixel_tower
 from .gan import ConditionalGenerator, ProjectionDiscriminator, kl_to_unit_gaussian
 
 log = logging.getLogger(__name__)
@@ -138,12 +139,12 @@ def split_pixels(ds, size: int = IMAGE_SIZE) -> np.ndarray:
     return out
 
 
-def prepare_conditions(model, split: str, lang: str | None, progress: bool = False) -> Conditions:
-    """Embed a split of the run's data with its (frozen) model."""
+def prepare_conditions(run: Any, split: str, lang: str | None, progress: bool = False) -> Conditions:
+    """Embed a split of a :class:`~xmodal.models.run.Run`'s data with its (frozen) model."""
     from ..eval.encode import embed_split
-    from ..train.pipeline import prepare_split
+    from ..data.pipeline import prepare_split
 
-    cfg = model.xmodal_config
+    cfg, model = run.config, run.model
     data = prepare_split(cfg, model, split, lang, progress=progress)
     img, txt = embed_split(model, data, progress=progress)
     return Conditions(split_pixels(data.dataset), img, txt, data.dataset.gt.transpose(), data.dataset)
@@ -210,7 +211,7 @@ def grad_through_image_tower(model) -> Iterator[None]:
     switch grad off are lifted for the duration; parameters keep ``requires_grad=False``, so
     nothing of the tower is trained, and the modules stay in eval mode.
     """
-    flags = [(model, "frozen_image")] if hasattr(model, "frozen_image") else []
+    flags = [(model, "frozen_image")] if isinstance(model, FrozenTowers) else []
     flags += [(m, "frozen") for m in model.image_tower.modules() if isinstance(getattr(m, "frozen", None), bool)]
     saved = [(m, name, getattr(m, name)) for m, name in flags]
     try:
@@ -295,8 +296,7 @@ def train_synthesis(run: str | Path, out: str | Path, cfg: SynthesisConfig | Non
 
     from ..models import load
     from ..progress import make_progress
-    from ..train.loop import _NullProgress
-    from ..utils import atomic_write_json, seed_everything
+    from ..utils import seed_everything
 
     cfg = cfg or SynthesisConfig()
     cfg.validate()
@@ -304,29 +304,18 @@ def train_synthesis(run: str | Path, out: str | Path, cfg: SynthesisConfig | Non
     out = Path(out)
     ckpt_path = out / "checkpoint.safetensors"
     config_json = {"run": str(Path(run).resolve()), "config": dataclasses.asdict(cfg)}
-    if ckpt_path.exists() and not resume:
-        raise XmodalError(f"{out}: already holds a synthesis run; pass --resume to continue it or choose another --out")
-    if resume and ckpt_path.exists():
-        saved = json.loads((out / "synthesis.json").read_text())
-        saved["config"] = saved_config(saved.get("config", {}))
-        # only the step budget may change on resume (to train longer)
-        same = lambda d: {**d, "config": {**d["config"], "steps": None}}  # noqa: E731
-        if same({k: saved.get(k) for k in config_json}) != same(json.loads(json.dumps(config_json))):
-            raise XmodalError(f"{out}: --resume with different settings than {out / 'synthesis.json'} "
-                              "(only --steps may change)")
-    model = load(run)
-    tcfg = model.xmodal_config
+    _check_resume(out, ckpt_path, config_json, resume)
+    run_ = load(run)
+    model, tcfg = run_.model, run_.config
     split = cfg.split or tcfg.data.train_split
     lang = cfg.lang or tcfg.data.eval_lang
     t0 = time.perf_counter()
-    cond = prepare_conditions(model, split, lang, progress=progress)
+    cond = prepare_conditions(run_, split, lang, progress=progress)
     console.print(f"[bold]synthesis[/] conditions: {cond.dataset.summary()} "
                   f"({time.perf_counter() - t0:.0f} s)")
     tower = None
     if cfg.retrieval_weight > 0:
-        if getattr(model.image_tower, "input_kind", "features") != "pixels":
-            raise ConfigError(f"synthesis: retrieval_weight needs a run whose image tower reads pixels; "
-                              f"{run} has {type(model.image_tower).__name__}")
+        pixel_tower(model, f"synthesis: retrieval_weight (run {run})")
         tower = model.eval().requires_grad_(False)  # the run's own tower, frozen: only G learns
     del model
     embed_dim = int(cond.image_emb.shape[1])
@@ -338,65 +327,19 @@ def train_synthesis(run: str | Path, out: str | Path, cfg: SynthesisConfig | Non
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas)
     start = 0
     if resume and ckpt_path.exists():
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(ckpt_path))
-        with safe_open(str(ckpt_path), "pt") as fh:
-            meta = fh.metadata()
-        G.load_state_dict(_strip(tensors, "G"))
-        D.load_state_dict(_strip(tensors, "D"))
-        _load_optim(opt_g, "opt_g", tensors, json.loads(meta["opt_g"]))
-        _load_optim(opt_d, "opt_d", tensors, json.loads(meta["opt_d"]))
-        start = int(meta["step"])
+        start = _load_checkpoint(ckpt_path, G, D, opt_g, opt_d)
         console.print(f"resuming {out} from step {start}")
     out.mkdir(parents=True, exist_ok=True)
-    pixels = cond.pixels
-
-    def save(step: int) -> None:
-        tg, mg = _optim_tensors("opt_g", opt_g)
-        td, md = _optim_tensors("opt_d", opt_d)
-        _save_tensors(ckpt_path, {**_state(G, "G"), **_state(D, "D"), **tg, **td},
-                      {"step": str(step), "opt_g": json.dumps(mg), "opt_d": json.dumps(md)})
-        _save_tensors(out / "generator.safetensors", _state(G, "G"), {"step": str(step)})
-        atomic_write_json(out / "synthesis.json", {"format": FORMAT, **config_json, "embed_dim": embed_dim,
-                                                   "image_size": IMAGE_SIZE, "step": step})
+    info = {"format": FORMAT, **config_json, "embed_dim": embed_dim, "image_size": IMAGE_SIZE}
 
     G.train()
     D.train()
     step = start
     last: dict[str, float] = {}
-    with make_progress() if progress else _NullProgress() as prog:
+    with make_progress(enabled=progress) as prog:
         bar = prog.add_task("training synthesis", total=cfg.steps, completed=start)
         while step < cfg.steps:
-            idx, e, wrong, gen = _batch(step, cfg, cond)
-            real = to_unit(pixels[idx])  # (B, 3, 64, 64)
-            z = torch.randn(len(idx), cfg.z_dim, generator=gen)
-            eps = torch.randn(len(idx), cfg.cond_dim, generator=gen)
-            fake, mu, logvar = G(e, z, eps)
-            # discriminator: real+matching is real; generated, and real+mismatched, are fake
-            d_real = D(real, e)
-            d_fake = D(fake.detach(), e)
-            d_wrong = D(real, wrong)
-            d_loss = F.relu(1 - d_real).mean() + 0.5 * (F.relu(1 + d_fake).mean() + F.relu(1 + d_wrong).mean())
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-            adv = -D(fake, e).mean()
-            l1 = (fake - real).abs().mean()
-            kl = kl_to_unit_gaussian(mu, logvar)
-            g_loss = adv + cfg.l1_weight * l1 + cfg.kl_weight * kl
-            terms = {"d_loss": d_loss, "g_adv": adv, "l1": l1, "kl": kl}
-            if tower is not None:
-                k = cfg.retrieval_batch or len(idx)  # the batch is a random draw: its first k are too
-                fake_emb = embed_generated(tower, fake[:k])  # (k, D)
-                ret, acc = retrieval_loss(fake_emb, e, same_concept(idx, cond.texts_of_image)[:k],
-                                          cfg.retrieval_temperature)
-                g_loss = g_loss + cfg.retrieval_weight * ret
-                terms.update(retrieval=ret, retrieval_acc=acc)
-            opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            opt_g.step()
+            terms = _train_step(step, cfg, cond, G, D, opt_g, opt_d, tower)
             step += 1
             prog.update(bar, completed=step)
             last = {name: float(v.detach()) for name, v in terms.items()}
@@ -406,8 +349,86 @@ def train_synthesis(run: str | Path, out: str | Path, cfg: SynthesisConfig | Non
                 with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
                     fh.write(json.dumps({"step": step, **last}) + "\n")
             if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                save(step)
+                _save_checkpoint(out, G, D, opt_g, opt_d, info, step)
     return {"out": str(out), "steps": step, "last": last}
+
+
+def _check_resume(out: Path, ckpt_path: Path, config_json: dict, resume: bool) -> None:
+    """Refuse to overwrite a synthesis folder, or to resume one with other settings than ``--steps``."""
+    if ckpt_path.exists() and not resume:
+        raise XmodalError(f"{out}: already holds a synthesis run; pass --resume to continue it or choose another --out")
+    if resume and ckpt_path.exists():
+        saved = json.loads((out / "synthesis.json").read_text())
+        saved["config"] = saved_config(saved.get("config", {}))
+        # only the step budget may change on resume (to train longer)
+        same = lambda d: {**d, "config": {**d["config"], "steps": None}}  # noqa: E731
+        if same({k: saved.get(k) for k in config_json}) != same(json.loads(json.dumps(config_json))):
+            raise XmodalError(f"{out}: --resume with different settings than {out / 'synthesis.json'} "
+                              "(only --steps may change)")
+
+
+def _load_checkpoint(ckpt_path: Path, G: ConditionalGenerator, D: ProjectionDiscriminator,
+                     opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer) -> int:
+    """Restore both networks and optimizers from ``ckpt_path``; the step it was saved at."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(ckpt_path))
+    with safe_open(str(ckpt_path), "pt") as fh:
+        meta = fh.metadata()
+    G.load_state_dict(_strip(tensors, "G"))
+    D.load_state_dict(_strip(tensors, "D"))
+    _load_optim(opt_g, "opt_g", tensors, json.loads(meta["opt_g"]))
+    _load_optim(opt_d, "opt_d", tensors, json.loads(meta["opt_d"]))
+    return int(meta["step"])
+
+
+def _save_checkpoint(out: Path, G: ConditionalGenerator, D: ProjectionDiscriminator, opt_g: torch.optim.Optimizer,
+                     opt_d: torch.optim.Optimizer, info: dict, step: int) -> None:
+    """Write the checkpoint, the generator and (last) ``synthesis.json`` at ``step``."""
+    from ..utils import atomic_write_json
+
+    tg, mg = _optim_tensors("opt_g", opt_g)
+    td, md = _optim_tensors("opt_d", opt_d)
+    _save_tensors(out / "checkpoint.safetensors", {**_state(G, "G"), **_state(D, "D"), **tg, **td},
+                  {"step": str(step), "opt_g": json.dumps(mg), "opt_d": json.dumps(md)})
+    _save_tensors(out / "generator.safetensors", _state(G, "G"), {"step": str(step)})
+    atomic_write_json(out / "synthesis.json", {**info, "step": step})
+
+
+def _train_step(step: int, cfg: SynthesisConfig, cond: Conditions, G: ConditionalGenerator,
+                D: ProjectionDiscriminator, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                tower: Any) -> dict[str, torch.Tensor]:
+    """One discriminator and one generator update on the batch of ``step``; the loss terms."""
+    idx, e, wrong, gen = _batch(step, cfg, cond)
+    real = to_unit(cond.pixels[idx])  # (B, 3, 64, 64)
+    z = torch.randn(len(idx), cfg.z_dim, generator=gen)
+    eps = torch.randn(len(idx), cfg.cond_dim, generator=gen)
+    fake, mu, logvar = G(e, z, eps)
+    # discriminator: real+matching is real; generated, and real+mismatched, are fake
+    d_real = D(real, e)
+    d_fake = D(fake.detach(), e)
+    d_wrong = D(real, wrong)
+    d_loss = F.relu(1 - d_real).mean() + 0.5 * (F.relu(1 + d_fake).mean() + F.relu(1 + d_wrong).mean())
+    opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt_d.step()
+    adv = -D(fake, e).mean()
+    l1 = (fake - real).abs().mean()
+    kl = kl_to_unit_gaussian(mu, logvar)
+    g_loss = adv + cfg.l1_weight * l1 + cfg.kl_weight * kl
+    terms = {"d_loss": d_loss, "g_adv": adv, "l1": l1, "kl": kl}
+    if tower is not None:
+        k = cfg.retrieval_batch or len(idx)  # the batch is a random draw: its first k are too
+        fake_emb = embed_generated(tower, fake[:k])  # (k, D)
+        ret, acc = retrieval_loss(fake_emb, e, same_concept(idx, cond.texts_of_image)[:k],
+                                  cfg.retrieval_temperature)
+        g_loss = g_loss + cfg.retrieval_weight * ret
+        terms.update(retrieval=ret, retrieval_acc=acc)
+    opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    opt_g.step()
+    return terms
 
 
 # inference ---------------------------------------------------------------------------------------

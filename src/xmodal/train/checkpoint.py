@@ -1,6 +1,6 @@
 """Checkpoints: safetensors for tensors, JSON for everything else, written atomically.
 
-Run folder layout::
+Run folder layout (read back by :func:`xmodal.models.run.load`)::
 
     RUN/config.yaml                    resolved config
     RUN/checkpoints/step_0000200/       model.safetensors, optim.safetensors, state.json
@@ -22,31 +22,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import XmodalError
+from ..models.run import load_weights_file, model_state
 from ..utils import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-
-def skipped_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
-    """State-dict prefixes a checkpoint leaves out: frozen towers whose every weight comes from
-    the files their config names. A frozen tower with random parts (a frozen BiGRU, a new
-    projection) is saved: rebuilding it would give other weights."""
-    out = []
-    for prefix in getattr(model, "frozen_prefixes", lambda: [])():
-        try:
-            sub = model.get_submodule(prefix.rstrip("."))
-        except AttributeError:
-            continue
-        if getattr(sub, "rebuilt_from_source", lambda: False)():
-            out.append(prefix)
-    return tuple(out)
-
-
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    skip = skipped_prefixes(model)
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
-            if not (skip and k.startswith(skip))}
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -126,25 +105,11 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, loss: torc
     return ckdir / name
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / "latest.json"
-    if not pointer.exists():
-        return None
-    try:
-        name = json.loads(pointer.read_text())["dir"]
-    except (ValueError, KeyError) as exc:
-        raise XmodalError(f"{pointer}: corrupt checkpoint pointer ({exc})") from None
-    path = pointer.parent / name
-    if not (path / "state.json").exists():
-        raise XmodalError(f"{pointer}: points to {path}, which is missing or incomplete")
-    return path
-
-
 def restore_checkpoint(path: Path, model: torch.nn.Module, loss: torch.nn.Module,
                        optimizer: torch.optim.Optimizer) -> dict:
     """Load model, loss, optimizer and RNG states; return the JSON state (step, best, ...)."""
     state = json.loads((path / "state.json").read_text())
-    _load_model_tensors(model, load_file(str(path / "model.safetensors")), path / "model.safetensors")
+    load_weights_file(model, path / "model.safetensors")
     loss.load_state_dict(load_file(str(path / "loss.safetensors")))
     extra = load_file(str(path / "train.safetensors"))
     opt = {k[len("optim/"):]: v for k, v in extra.items() if k.startswith("optim/")}
@@ -157,15 +122,6 @@ def restore_checkpoint(path: Path, model: torch.nn.Module, loss: torch.nn.Module
     return state
 
 
-def _load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    skip = skipped_prefixes(model)
-    missing = [k for k in missing if not (skip and k.startswith(skip))]
-    if missing or unexpected:
-        raise XmodalError(f"{where}: weights do not match the model "
-                          f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
-
-
 def save_best(run_dir: Path, step: int, model: torch.nn.Module, metrics: dict, config_yaml: str,
               extra_files: dict[str, Any] | None = None) -> Path:
     final = Path(run_dir) / "best"
@@ -173,35 +129,3 @@ def save_best(run_dir: Path, step: int, model: torch.nn.Module, metrics: dict, c
                        "state.json": {"step": step, "metrics": metrics},
                        "config.yaml": config_yaml, **(extra_files or {})})
     return final
-
-
-def load_model(run_dir: Any, checkpoint: str = "best", device: str = "cpu") -> torch.nn.Module:
-    """Rebuild the model of a run: its resolved config, then its saved weights."""
-    from ..config import load_config
-    from ..models import create_model
-
-    run_dir = Path(run_dir)
-    if run_dir.suffix in (".yaml", ".yml") and run_dir.is_file():
-        # a config whose model has nothing to train (an ensemble of finished runs)
-        cfg = load_config(run_dir)
-        model = create_model(cfg.model)
-        if getattr(model, "needs_training", True):
-            raise XmodalError(f"{run_dir}: this config's model must be trained first "
-                              f"(xmodal train {run_dir} --out RUN), then pass the run folder")
-        model.xmodal_config = cfg
-        return model.to(device).eval()
-    if checkpoint == "best":
-        path = run_dir / "best"
-        if not (path / "model.safetensors").exists():
-            raise XmodalError(f"{run_dir}: no best checkpoint (is this an xmodal run folder?)")
-    elif checkpoint == "latest":
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            raise XmodalError(f"{run_dir}: no checkpoint yet")
-    else:
-        path = Path(checkpoint)
-    cfg = load_config(path / "config.yaml")
-    model = create_model(cfg.model)
-    _load_model_tensors(model, load_file(str(path / "model.safetensors"), device="cpu"), path / "model.safetensors")
-    model.xmodal_config = cfg
-    return model.to(device).eval()

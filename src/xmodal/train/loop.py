@@ -8,7 +8,7 @@ engine, best checkpoint by validation rsum, early stopping, and exact resume.
 Launched by ``torchrun``, every process runs :func:`train`: each encodes its slice of the
 global batch, features are gathered so the loss sees the global batch, DDP averages the
 gradients, and rank 0 alone evaluates, logs and writes the run folder
-(:mod:`xmodal.train.distributed`). ``train.batch_size`` is the global batch.
+(:mod:`xmodal.distributed`). ``train.batch_size`` is the global batch.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,12 @@ import yaml
 from .. import config as C
 from ..errors import ConfigError, XmodalError
 from ..utils import atomic_write_json, atomic_write_text, seed_everything
-from .checkpoint import latest_checkpoint, restore_checkpoint, save_best, save_checkpoint
-from .data import Batch, BatchOrder, positive_mask
-from .distributed import (DistEnv, GatheringModel, ShardedBatchOrder, barrier, broadcast_flag, data_parallel,
-                          in_turns, session, step_seed)
-from .task import build_task
+from ..models.run import latest_checkpoint
+from .checkpoint import restore_checkpoint, save_best, save_checkpoint
+from ..data.inputs import Batch, BatchOrder, positive_mask
+from ..distributed import DistEnv, barrier, broadcast_flag, in_turns, session
+from .ddp import GatheringModel, ShardedBatchOrder, data_parallel, step_seed
+from .tasks import build_task
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +71,13 @@ def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: 
     """Optimiser groups: ``params`` as one group, unless the model has a ``param_groups(cfg)``
     hook returning ``[{"params": [...], "lr_scale": s}, ...]`` (each group's scheduled rate is
     multiplied by its ``lr_scale``); trainable parameters the hook leaves out keep scale 1."""
-    hook = getattr(model, "param_groups", None)
-    if not callable(hook):
+    declared = model.param_groups(cfg)
+    if declared is None:
         return params
     trainable = {id(p) for p in params}
     seen: set[int] = set()
     groups = []
-    for g in hook(cfg):
+    for g in declared:
         ps = [p for p in g["params"] if id(p) in trainable and id(p) not in seen]
         seen.update(id(p) for p in ps)
         if ps:
@@ -95,7 +97,7 @@ def prepare_config(cfg: C.Config) -> None:
     for tcfg in (cfg.model.text,):
         if tcfg.name == "bigru" and not (tcfg.args.get("tokenizer_json") or tcfg.args.get("tokenizer_path")):
             from ..models.text.bigru import train_tokenizer
-            from .pipeline import load_split
+            from ..data.pipeline import load_split
 
             ds = load_split(cfg, cfg.data.train_split, cfg.data.train_lang, training=True)
             tcfg.args["tokenizer_json"] = train_tokenizer(ds.captions, min_freq=int(tcfg.args.pop("min_freq", 1)))
@@ -160,52 +162,34 @@ def train(cfg: C.Config, run_dir: str | Path, *, resume: bool = False, progress:
 
 def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, resume: bool,
            progress: bool, console: Any) -> dict:
+    """Set up a run (model, task, splits, optimizer, resumed state), train it and write its summary."""
     from rich.console import Console
 
-    from ..eval.encode import evaluate_split
     from ..losses import create_loss
     from ..models import create_model
-    from ..progress import make_progress
-    from .pipeline import prepare_split
 
     console = console or Console(stderr=True)
     if not env.is_main:  # one process speaks for the run
         console, progress = Console(stderr=True, quiet=True), False
     prepare_config(cfg)
     config_yaml = yaml.safe_dump(C.to_dict(cfg), sort_keys=False)
-    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
-    if ckpt is not None and not resume:
-        raise XmodalError(f"{run_dir}: already holds a run (checkpoint {ckpt.name}); "
-                          f"pass --resume to continue it or choose another --out")
-    if resume and ckpt is not None:
-        changed = config_changes(ckpt / "config.yaml", cfg)
-        if changed:
-            raise XmodalError(f"{run_dir}: --resume with a different config than the run's "
-                              f"({ckpt / 'config.yaml'}): {', '.join(changed)} differ; resume with the same "
-                              "config and overrides")
+    ckpt = _checkpoint_to_resume(cfg, run_dir, resume)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
 
     seed_everything(cfg.train.seed)
     model = create_model(cfg.model)
-    if not getattr(model, "needs_training", True):
+    if not model.needs_training():
         raise ConfigError(f"{type(model).__name__} has nothing to train (an ensemble of finished runs): "
                           "evaluate the config directly, xmodal eval CONFIG.yaml")
     loss = create_loss(cfg.loss.name, **cfg.loss.args)
     # several processes: the task sees the global batch's features (gathered), see distributed.py
-    task = build_task(GatheringModel(model, env) if env.enabled else model, loss)
-    if hasattr(model, "prepare_training"):
-        model.prepare_training(cfg, run_dir)
+    task = build_task(GatheringModel(model, env) if env.enabled else model, loss, model.task_name())
+    model.prepare_training(cfg, run_dir)
 
     t0 = time.perf_counter()
-    # rank 0 fills the frozen-tower caches before the other processes read them
-    train_split = in_turns(env, lambda: prepare_split(cfg, model, cfg.data.train_split, cfg.data.train_lang,
-                                                      training=True, progress=progress))
-    val_split = (prepare_split(cfg, model, cfg.data.val_split, cfg.data.eval_lang, progress=progress)
-                 if env.is_main else None)  # only rank 0 evaluates
-    if hasattr(task, "attach_split"):  # tasks that draw beyond the batch (hard-negative pools)
-        task.attach_split(cfg, train_split)
+    train_split, val_split = _prepare_splits(cfg, model, task, env, progress)
     prep_seconds = time.perf_counter() - t0
     console.print(f"[bold]train[/] {train_split.dataset.summary()}")
     if val_split is not None:
@@ -231,96 +215,11 @@ def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, 
     state.pop("optimizer", None)
     state["world_size"] = env.world_size
     metric_log = MetricLog(run_dir, cfg.train.tensorboard) if env.is_main else None
+    scaler, use_amp, amp_dtype = _amp_setup(cfg, device, state, run_dir)
 
-    amp = cfg.train.amp
-    if amp not in ("none", "bf16", "fp16"):
-        raise ConfigError(f"train.amp: expected none, bf16 or fp16, got {amp!r}")
-    use_amp = amp != "none" and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp and amp == "fp16" else None
-    restore_grad_scaler(scaler, state.pop("grad_scaler", None), run_dir)
-    amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-
-    def evaluate(step: int) -> dict:
-        res = evaluate_split(model, val_split, protocol="full", block_size=cfg.eval.block_size,
-                             device=device, rerank_k=cfg.eval.rerank_k,
-                             rerank_fusion=cfg.eval.rerank_fusion)
-        m = res["metrics"]
-        metric_log.write(step, "val", m)
-        improved = m["rsum"] > state["best_rsum"]
-        if improved:
-            state.update(best_rsum=m["rsum"], best_step=step, best_metrics=m, bad_evals=0)
-            save_best(run_dir, step, model, m, config_yaml, getattr(model, "artifact_files", lambda: {})())
-        else:
-            state["bad_evals"] += 1
-        console.print(f"step {step:>6}  val rsum {m['rsum']:.1f}  t2i R@1 {m['t2i_r1']:.1f}  "
-                      f"i2t R@1 {m['i2t_r1']:.1f}{'  (best)' if improved else ''}")
-        return m
-
-    total = cfg.train.steps
-    step = start
-    stopped_early = False
-    task.train()
-    training_step = data_parallel(task, env, device)
-    t_train = time.perf_counter()
-    with make_progress() if progress else _NullProgress() as prog:
-        bar = prog.add_task("training", total=total, completed=start)
-        while step < total:
-            lr = lr_at(step, cfg.optim, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            step_seed(env, cfg.train.seed, step)
-            # the global batch and its positives; this process encodes its slice ``mine``
-            text_idx, image_idx, mine = order.batch(step)
-            batch = Batch(text_idx, image_idx,
-                          positive_mask(train_split.dataset.gt, image_idx, text_idx),
-                          train_split.images(image_idx[mine], device), train_split.texts(text_idx[mine], device))
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                losses, metrics = training_step(batch, step)
-            total_loss = sum(losses.values())
-            if not torch.isfinite(total_loss):
-                raise XmodalError(f"step {step}: loss is {float(total_loss)}; lower optim.lr or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(total_loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                total_loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            step += 1
-            prog.update(bar, completed=step)
-            if metric_log is not None and cfg.train.log_every and step % cfg.train.log_every == 0:
-                metric_log.write(step, "train", {"loss": float(total_loss.detach()), "lr": lr,
-                                                 **{k: float(v.detach()) for k, v in losses.items()}, **metrics})
-            did_eval = False
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
-                if env.is_main:
-                    evaluate(step)
-                    if cfg.train.early_stop and state["bad_evals"] >= cfg.train.early_stop:
-                        stopped_early = True
-                did_eval = True
-                stopped_early = broadcast_flag(env, stopped_early, device)  # rank 0 decides for all
-            if step == total:
-                if env.is_main:
-                    evaluate(step)
-                did_eval = True
-            every = cfg.train.checkpoint_every or cfg.train.eval_every
-            if (every and step % every == 0) or did_eval or step == total or stopped_early:
-                state["elapsed"] = float(state.get("elapsed", 0.0)) + (time.perf_counter() - t_train)
-                t_train = time.perf_counter()
-                if scaler is not None:  # fp16's loss scale resumes where it was, not at 65,536
-                    state["grad_scaler"] = scaler.state_dict()
-                if env.is_main:
-                    save_checkpoint(run_dir, step, model, loss, optimizer, state, config_yaml,
-                                    keep=cfg.train.keep_checkpoints)
-            if stopped_early:
-                console.print(f"early stop at step {step}: no better val rsum in {cfg.train.early_stop} evaluations")
-                break
+    run = _Run(cfg, run_dir, env, device, console, config_yaml, model, loss, task, params, optimizer, order,
+               train_split, val_split, state, metric_log, scaler, use_amp, amp_dtype)
+    step, stopped_early = _loop(run, start, progress)
     summary = {"run_dir": str(run_dir), "steps": step, "best_step": state["best_step"],
                "best_val": state["best_metrics"], "stopped_early": stopped_early,
                "train_seconds": state["elapsed"], "prepare_seconds": prep_seconds, "world_size": env.world_size}
@@ -329,6 +228,177 @@ def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, 
         atomic_write_json(run_dir / "summary.json", summary)
     barrier(env)  # the others leave the group only once rank 0 has written the run
     return summary
+
+
+def _checkpoint_to_resume(cfg: C.Config, run_dir: Path, resume: bool) -> Path | None:
+    """The run folder's latest checkpoint (None if none); refuses a run there unless resumed, same config."""
+    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if ckpt is not None and not resume:
+        raise XmodalError(f"{run_dir}: already holds a run (checkpoint {ckpt.name}); "
+                          f"pass --resume to continue it or choose another --out")
+    if resume and ckpt is not None:
+        changed = config_changes(ckpt / "config.yaml", cfg)
+        if changed:
+            raise XmodalError(f"{run_dir}: --resume with a different config than the run's "
+                              f"({ckpt / 'config.yaml'}): {', '.join(changed)} differ; resume with the same "
+                              "config and overrides")
+    return ckpt
+
+
+def _prepare_splits(cfg: C.Config, model: Any, task: Any, env: DistEnv, progress: bool) -> tuple[Any, Any]:
+    """``(train split, val split)``; the val split only on rank 0 (None elsewhere)."""
+    from ..data.pipeline import prepare_split
+
+    # rank 0 fills the frozen-tower caches before the other processes read them
+    train_split = in_turns(env, lambda: prepare_split(cfg, model, cfg.data.train_split, cfg.data.train_lang,
+                                                      training=True, progress=progress))
+    val_split = (prepare_split(cfg, model, cfg.data.val_split, cfg.data.eval_lang, progress=progress)
+                 if env.is_main else None)  # only rank 0 evaluates
+    if hasattr(task, "attach_split"):  # tasks that draw beyond the batch (hard-negative pools)
+        task.attach_split(cfg, train_split)
+    return train_split, val_split
+
+
+def _amp_setup(cfg: C.Config, device: torch.device, state: dict[str, Any],
+               run_dir: Path) -> tuple[Any, bool, torch.dtype]:
+    """``(grad scaler or None, use autocast, autocast dtype)`` of ``train.amp``; a resumed scaler restored."""
+    amp = cfg.train.amp
+    if amp not in ("none", "bf16", "fp16"):
+        raise ConfigError(f"train.amp: expected none, bf16 or fp16, got {amp!r}")
+    use_amp = amp != "none" and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp == "fp16" else None
+    restore_grad_scaler(scaler, state.pop("grad_scaler", None), run_dir)
+    amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return scaler, use_amp, amp_dtype
+
+
+@dataclass
+class _Run:
+    """A training run once set up: what its optimizer steps, evaluations and checkpoints use."""
+
+    cfg: C.Config
+    run_dir: Path
+    env: DistEnv
+    device: torch.device
+    console: Any
+    config_yaml: str
+    model: Any
+    loss: Any
+    task: Any
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    order: ShardedBatchOrder
+    train_split: Any
+    val_split: Any
+    state: dict[str, Any]
+    metric_log: MetricLog | None
+    scaler: Any
+    use_amp: bool
+    amp_dtype: torch.dtype
+
+    def optimizer_step(self, step: int, lr: float, training_step: Any) -> tuple[torch.Tensor, dict, dict]:
+        """One optimizer step on the global batch of ``step``; ``(total loss, losses, metrics)``."""
+        cfg, device, optimizer, scaler = self.cfg, self.device, self.optimizer, self.scaler
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        step_seed(self.env, cfg.train.seed, step)
+        # the global batch and its positives; this process encodes its slice ``mine``
+        text_idx, image_idx, mine = self.order.batch(step)
+        batch = Batch(text_idx, image_idx,
+                      positive_mask(self.train_split.dataset.gt, image_idx, text_idx),
+                      self.train_split.images(image_idx[mine], device), self.train_split.texts(text_idx[mine], device))
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            losses, metrics = training_step(batch, step)
+        total_loss = sum(losses.values())
+        if not torch.isfinite(total_loss):
+            raise XmodalError(f"step {step}: loss is {float(total_loss)}; lower optim.lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total_loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            total_loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        return total_loss, losses, metrics
+
+    def evaluate(self, step: int) -> dict:
+        """Validate at ``step`` (rank 0): log, keep the best model, count evaluations without progress."""
+        from ..eval.encode import evaluate_split
+
+        cfg, state = self.cfg, self.state
+        res = evaluate_split(self.model, self.val_split, protocol="full", block_size=cfg.eval.block_size,
+                             device=self.device, rerank_k=cfg.eval.rerank_k,
+                             rerank_fusion=cfg.eval.rerank_fusion)
+        m = res["metrics"]
+        self.metric_log.write(step, "val", m)
+        improved = m["rsum"] > state["best_rsum"]
+        if improved:
+            state.update(best_rsum=m["rsum"], best_step=step, best_metrics=m, bad_evals=0)
+            save_best(self.run_dir, step, self.model, m, self.config_yaml, self.model.artifact_files())
+        else:
+            state["bad_evals"] += 1
+        self.console.print(f"step {step:>6}  val rsum {m['rsum']:.1f}  t2i R@1 {m['t2i_r1']:.1f}  "
+                           f"i2t R@1 {m['i2t_r1']:.1f}{'  (best)' if improved else ''}")
+        return m
+
+    def save_checkpoint(self, step: int) -> None:
+        """Write the checkpoint of ``step`` (rank 0), with fp16's loss scale."""
+        if self.scaler is not None:  # fp16's loss scale resumes where it was, not at 65,536
+            self.state["grad_scaler"] = self.scaler.state_dict()
+        if self.env.is_main:
+            save_checkpoint(self.run_dir, step, self.model, self.loss, self.optimizer, self.state,
+                            self.config_yaml, keep=self.cfg.train.keep_checkpoints)
+
+
+def _loop(run: _Run, start: int, progress: bool) -> tuple[int, bool]:
+    """Optimizer steps from ``start`` to ``train.steps`` with evaluations and checkpoints; ``(step, stopped early)``."""
+    from ..progress import make_progress
+
+    cfg, env, state = run.cfg, run.env, run.state
+    total = cfg.train.steps
+    step = start
+    stopped_early = False
+    run.task.train()
+    training_step = data_parallel(run.task, env, run.device)
+    t_train = time.perf_counter()
+    with make_progress(enabled=progress) as prog:
+        bar = prog.add_task("training", total=total, completed=start)
+        while step < total:
+            lr = lr_at(step, cfg.optim, total)
+            total_loss, losses, metrics = run.optimizer_step(step, lr, training_step)
+            step += 1
+            prog.update(bar, completed=step)
+            if run.metric_log is not None and cfg.train.log_every and step % cfg.train.log_every == 0:
+                run.metric_log.write(step, "train", {"loss": float(total_loss.detach()), "lr": lr,
+                                                     **{k: float(v.detach()) for k, v in losses.items()}, **metrics})
+            did_eval = False
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+                if env.is_main:
+                    run.evaluate(step)
+                    if cfg.train.early_stop and state["bad_evals"] >= cfg.train.early_stop:
+                        stopped_early = True
+                did_eval = True
+                stopped_early = broadcast_flag(env, stopped_early, run.device)  # rank 0 decides for all
+            if step == total:
+                if env.is_main:
+                    run.evaluate(step)
+                did_eval = True
+            every = cfg.train.checkpoint_every or cfg.train.eval_every
+            if (every and step % every == 0) or did_eval or step == total or stopped_early:
+                state["elapsed"] = float(state.get("elapsed", 0.0)) + (time.perf_counter() - t_train)
+                t_train = time.perf_counter()
+                run.save_checkpoint(step)
+            if stopped_early:
+                run.console.print(f"early stop at step {step}: no better val rsum in {cfg.train.early_stop} "
+                                  "evaluations")
+                break
+    return step, stopped_early
 
 
 def restore_grad_scaler(scaler: Any, saved: dict | None, run_dir: Path) -> None:
@@ -344,17 +414,3 @@ def restore_grad_scaler(scaler: Any, saved: dict | None, run_dir: Path) -> None:
         raise XmodalError(f"{run_dir}: the checkpoint's grad_scaler state is malformed "
                           f"(expected the keys {', '.join(sorted(need))})")
     scaler.load_state_dict(saved)
-
-
-class _NullProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def update(self, *a, **k):
-        pass

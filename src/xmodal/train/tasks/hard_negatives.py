@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.base import GroundTruth
-from ..errors import ConfigError, DataError
-from ..models.base import TowerOutput
-from .data import Batch
-from .task import TASKS, split_terms
+from ...data.base import GroundTruth
+from ...errors import ConfigError, DataError
+from ...models.base import TowerOutput
+from ...data.inputs import Batch
+from .base import TASKS, split_terms
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class HardNegativeTask(nn.Module):
     def _first_stage_embeddings(self) -> dict[str, torch.Tensor]:
         """The attached first stage's (``model.args.first_stage``) embeddings of the training
         split: ``{"images": (N, D), "texts": (M, D)}``."""
-        fs = getattr(self.model, "first_stage", None)
+        fs = self.model.first_stage
         if fs is None:
             raise ConfigError("loss.args.pool: first_stage and loss.args.fusion use the first stage's scores: "
                               "set model.args.first_stage: RUN (an embedding model's run folder)")
@@ -122,7 +122,7 @@ class HardNegativeTask(nn.Module):
                label: str) -> tuple[torch.Tensor, torch.Tensor]:
         """An embedding model's float embeddings of these training images and texts (indices
         into the split), in batches of 256."""
-        from ..eval.encode import encode_all
+        from ...eval.encode import encode_all
 
         dev = self.model._device()
         img = encode_all(model.encode_image, lambda idx, d: self.split.images(images[idx], d), len(images), 256,
@@ -143,10 +143,10 @@ class HardNegativeTask(nn.Module):
         within the anchor's fold (the runs' spaces differ). Returns the embeddings and the
         folds as ``(text indices, image indices)``.
         """
-        from ..config import load_config
-        from ..data.base import item_folds
-        from ..models.cross_encoder import _FirstStage
-        from .pipeline import holdout_args
+        from ...config import load_config
+        from ...data.base import item_folds
+        from ...models.cross_encoder import FirstStage
+        from ...data.pipeline import holdout_args
 
         runs = self.loss.cross_fit
         seen: dict[int, str] = {}
@@ -177,7 +177,7 @@ class HardNegativeTask(nn.Module):
         groups = []
         for fold in range(len(runs)):
             ti, ii = np.flatnonzero(text_fold == fold), np.flatnonzero(image_fold == fold)
-            e_img, e_txt = self._embed(_FirstStage(seen[fold]).to(dev).model, ii, ti,
+            e_img, e_txt = self._embed(FirstStage(seen[fold]).to(dev).model, ii, ti,
                                        f"first stage {fold}: its held-out")
             if img is None:
                 img = e_img.new_zeros(ds.num_images, e_img.shape[1])
@@ -285,15 +285,7 @@ class HardNegativeTask(nn.Module):
             ii, tt = (ai, ci) if negatives_are == "texts" else (ci, ai)
             return _take(img, ii), _take(txt, tt)
 
-        base = torch.zeros(B, C)  # (B, C) loss.fusion x first-stage score of each (anchor, candidate)
-        if loss.fusion:
-            fa = self._first["images" if negatives_are == "texts" else "texts"][torch.as_tensor(anchor_idx)]
-            fc = self._first[negatives_are][torch.from_numpy(pools)]  # (B, C, D)
-            sims = (fc @ fa[:, :, None]).squeeze(-1)  # (B, C)
-            # centred per anchor: a query's order ignores a constant, and the sigmoids of the
-            # hinge stay off their flat ends
-            base = loss.fusion * (sims - sims.mean(1, keepdim=True))
-        base = base.to(m._device())
+        base = self._fusion_base(pools, anchor_idx, negatives_are).to(m._device())  # (B, C)
         if step < loss.random_steps:
             # warm start: k random negatives of the pool (a uniform pool is a random draw already)
             if self._neighbours is None:
@@ -327,19 +319,22 @@ class HardNegativeTask(nn.Module):
         rows = torch.arange(B, device=img.tokens.device) * (k + 1) if align else None
         logits, attn = m.forward_pairs(img, txt, relation_rows=rows)
         logits = logits.view(B, k + 1) + base.gather(1, cols.to(base.device))  # (B, 1 + k)
-        maps = None
-        if attn is not None:
-            from ..losses.relation import relation_maps
-
-            pos_txt = _take(txt, rows)
-            pos_img = _take(img, rows)
-            L = int(txt.mask.sum(1).max())  # forward_pairs trims the text to the chunk's longest
-            length = pos_txt.mask[:, :L].sum(1, keepdim=True)  # (B, 1)
-            posn = torch.arange(L, device=length.device)[None]  # (1, L)
-            words = pos_txt.mask[:, :L] & (posn > 0) & (posn < length - 1)  # no [CLS], no [SEP]
-            maps = relation_maps(attn, L, words, pos_img.mask)
+        maps = _positive_relation_maps(attn, img, txt, rows) if attn is not None else None
         modality = "V" if negatives_are == "texts" else "L"
         return loss.combine(logits[:, 0], logits[:, 1:], maps, modality, step, self.total_steps)
+
+    def _fusion_base(self, pools: np.ndarray, anchor_idx: Any, negatives_are: str) -> torch.Tensor:
+        """(B, C) loss.fusion x the centred first-stage score of each (anchor, candidate); zeros without fusion."""
+        B, C = pools.shape
+        base = torch.zeros(B, C)  # (B, C) loss.fusion x first-stage score of each (anchor, candidate)
+        if self.loss.fusion:
+            fa = self._first["images" if negatives_are == "texts" else "texts"][torch.as_tensor(anchor_idx)]
+            fc = self._first[negatives_are][torch.from_numpy(pools)]  # (B, C, D)
+            sims = (fc @ fa[:, :, None]).squeeze(-1)  # (B, C)
+            # centred per anchor: a query's order ignores a constant, and the sigmoids of the
+            # hinge stay off their flat ends
+            base = self.loss.fusion * (sims - sims.mean(1, keepdim=True))
+        return base
 
     def training_step(self, batch: Batch, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         if self.split is None:
@@ -354,6 +349,19 @@ class HardNegativeTask(nn.Module):
                 total[key] = total[key] + v if key in total and key.endswith("_loss") else v
         self.model.train(True)
         return split_terms(total)
+
+
+def _positive_relation_maps(attn: Any, img: TowerOutput, txt: TowerOutput, rows: torch.Tensor) -> Any:
+    """IAIS relation maps of the positive pairs (``rows`` of the scored pairs), words without [CLS]/[SEP]."""
+    from ...losses.relation import relation_maps
+
+    pos_txt = _take(txt, rows)
+    pos_img = _take(img, rows)
+    L = int(txt.mask.sum(1).max())  # forward_pairs trims the text to the chunk's longest
+    length = pos_txt.mask[:, :L].sum(1, keepdim=True)  # (B, 1)
+    posn = torch.arange(L, device=length.device)[None]  # (1, L)
+    words = pos_txt.mask[:, :L] & (posn > 0) & (posn < length - 1)  # no [CLS], no [SEP]
+    return relation_maps(attn, L, words, pos_img.mask)
 
 
 @TASKS.register("itm_hard_negatives")

@@ -1,7 +1,7 @@
 """Turn a config + model into per-split inputs: datasets, cached frozen-tower outputs.
 
 Shared by training, ``xmodal eval`` and the demo, so that a split is prepared the same way
-everywhere. Frozen pixel towers go through the feature cache (:mod:`xmodal.features`);
+everywhere. Frozen pixel towers go through the feature cache (:mod:`xmodal.data.features`);
 frozen text towers are run once over the captions and cached too.
 
 Three ``data.train_options`` keys shape the training texts instead of going to the reader:
@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.base import CrossModalDataset, load_dataset
+from .base import CrossModalDataset, load_dataset
 from ..errors import ConfigError, DataError
 from ..models.base import TowerOutput
-from .data import CachedOutputs, FeatureRows, FieldTexts, GroupedGroundTruth, PixelImages, RawTexts
+from .inputs import CachedOutputs, FeatureRows, FieldTexts, GroupedGroundTruth, PixelImages, RawTexts
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def cache_root() -> Path:
 
 def resolve_data_path(fmt: str, path: str) -> str:
     if fmt == "emoji" and path in ("emoji", "", "default"):
-        from ..data.emoji import default_path
+        from .emoji import default_path
 
         return str(default_path())
     return path
@@ -70,7 +70,7 @@ def load_split(cfg, split: str, lang: str | None, training: bool = False) -> Cro
         if ds.langs is not None:
             ds = ds.filter_lang(lang)
     if text_opts.get("translations"):
-        from ..data.translations import load_and_augment
+        from .translations import load_and_augment
 
         langs = text_opts.get("translation_langs")
         ds = load_and_augment(ds, text_opts["translations"],
@@ -124,11 +124,11 @@ def _image_source_spec(tcfg, ds: CrossModalDataset, tower=None) -> dict:
 
 
 def image_inputs(cfg, model, ds: CrossModalDataset, head_input: str, progress: bool = True) -> tuple[CrossModalDataset, Any]:
-    tower = getattr(model, "image_tower", None)
-    kind = getattr(tower, "input_kind", "features")
+    tower = model.tower("image")
+    kind = tower.input_kind if tower is not None else "features"
     if kind == "pixels":
         if cfg.model.image.frozen:
-            from ..features import apply_valid, cached_features
+            from .features import apply_valid, cached_features
 
             fs = cached_features(ds, tower, _image_source_spec(cfg.model.image, ds, tower),
                                  cache_root=cache_root() / "features", grid=(head_input == "tokens"),
@@ -192,8 +192,8 @@ def encode_texts_cached(tower, tcfg, captions: list, *, tokens: bool, batch_size
 
 
 def text_inputs(cfg, model, ds: CrossModalDataset, head_input: str, progress: bool = True) -> Any:
-    tower = getattr(model, "text_tower", None)
-    names = getattr(tower, "fields", None)
+    tower = model.tower("text")
+    names = tower.fields if tower is not None else None
     # a multi-field tower gets {field: text} records when the data has all its fields;
     # otherwise each caption is one field (emoji labels, free-text queries)
     records = FieldTexts(ds.fields, list(names)) if names and ds.fields and set(names) <= set(ds.fields) else None
@@ -204,12 +204,16 @@ def text_inputs(cfg, model, ds: CrossModalDataset, head_input: str, progress: bo
     return records if records is not None else RawTexts(ds.captions)
 
 
+def head_inputs(cfg, model) -> tuple[str, str]:
+    """``(image input, text input)`` the model reads: its own declaration, else its config's heads."""
+    return model.input_needs() or (cfg.model.image_head.input, cfg.model.text_head.input)
+
+
 def prepare_split(cfg, model, split: str, lang: str | None, *, training: bool = False,
                   progress: bool = True) -> SplitInputs:
     """Load a split and build the inputs the model consumes for it."""
     ds = load_split(cfg, split, lang, training=training)
-    needs = getattr(model, "input_needs", None)
-    img_in, txt_in = needs() if callable(needs) else (cfg.model.image_head.input, cfg.model.text_head.input)
+    img_in, txt_in = head_inputs(cfg, model)
     ds, images = image_inputs(cfg, model, ds, img_in, progress)
     if training and _sample_lang(cfg):
         # after image_inputs: dropping unreadable images rebuilds gt, which would lose the groups

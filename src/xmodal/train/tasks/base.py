@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..registry import Registry
-from .data import Batch
+from ...registry import Registry
+from ...data.inputs import Batch
 
 TASKS: Registry = Registry("task")
 
@@ -42,9 +42,10 @@ def _contrastive(model: nn.Module, loss: nn.Module) -> ContrastiveTask:
     return ContrastiveTask(model, loss)
 
 
-def build_task(model: nn.Module, loss: nn.Module) -> Any:
-    """Pick the task a model declares (``model.task``), else contrastive."""
-    return TASKS.create(getattr(model, "task_name", "contrastive"), model, loss)
+def build_task(model: nn.Module, loss: nn.Module, name: str | None = None) -> Any:
+    """The task ``name`` (default: the one the model declares, ``model.task_name()``) over
+    ``model`` (the model itself, or a wrapper such as :class:`~xmodal.train.ddp.GatheringModel`)."""
+    return TASKS.create(name or model.task_name(), model, loss)
 
 
 class PairScoreTask(nn.Module):

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -34,11 +35,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import __version__
-from .data.base import CrossModalDataset
-from .data.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
-from .errors import ConfigError, DataError, XmodalError, where
-from .models.base import ImageTower
+from .._version import __version__
+from .base import CrossModalDataset
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
+from ..progress import RateColumn, make_progress
+from ..errors import ConfigError, DataError, XmodalError, where
+from ..models.base import ImageTower
 
 try:  # advisory lock against two extractions writing one folder; POSIX only
     import fcntl
@@ -332,23 +334,6 @@ def _batches(source: _ImageSource, preprocess, starts: Sequence[int], batch_size
                 fut.cancel()
 
 
-def _progress_bar(enabled: bool):
-    """A rich progress bar on stderr with an images/s column; silent when stderr is not a terminal."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
-
-    class _Speed(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s")
-
-    console = Console(stderr=True)
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Speed(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                    disable=not (enabled and console.is_terminal))
-
-
 class _Partial:
     """The ``.partial`` folder of an extraction in progress."""
 
@@ -500,6 +485,30 @@ def extract_features(
 def _run(dataset: CrossModalDataset, tower: ImageTower, source: _ImageSource, partial: _Partial,
          inputs: dict, *, batch_size: int, on_error: str, grid: bool, dtype: str, num_workers: int,
          progress: bool, device: torch.device) -> FeatureSet:
+    """Extract (or resume) every image of ``dataset`` into ``partial``, then move the result into place."""
+    n = dataset.num_images
+    state = _start_or_resume(dataset, partial, inputs)
+    if state["done"] >= n and (partial.dir / MANIFEST).is_file():
+        return _finish(partial)  # interrupted while moving files into place
+
+    _extract_rows(dataset, tower, source, partial, state, batch_size=batch_size, on_error=on_error,
+                  grid=grid, dtype=dtype, num_workers=num_workers, progress=progress, device=device)
+
+    skipped: list[dict] = state["skipped"]
+    if not state["shapes"]:
+        first = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+        raise DataError(f"{dataset.name}/{dataset.split}: none of the {n} images could be read ({first})")
+    if len(skipped) > _MAX_LOGGED_SKIPS:
+        log.warning("... and %d more skipped images", len(skipped) - _MAX_LOGGED_SKIPS)
+    if skipped:
+        log.warning("%s/%s: %d of %d images could not be read and were skipped (zero rows, valid=False); "
+                    "all are listed in %s", dataset.name, dataset.split, len(skipped), n, partial.out / MANIFEST)
+    _write_manifest(partial, state, dataset, device, batch_size)
+    return _finish(partial)
+
+
+def _start_or_resume(dataset: CrossModalDataset, partial: _Partial, inputs: dict) -> dict:
+    """The progress state of ``partial``: read back to resume, or a fresh one with empty files."""
     n = dataset.num_images
     pdir, out_dir = partial.dir, partial.out
     state: dict
@@ -520,34 +529,41 @@ def _run(dataset: CrossModalDataset, tower: ImageTower, source: _ImageSource, pa
         state = {"format_version": FORMAT_VERSION, "inputs": inputs, "done": 0, "shapes": None,
                  "skipped": [], "elapsed_s": 0.0, "started": _now()}
         _write_json_atomic(partial.progress_path, state)
+    return state
 
-    if state["done"] >= n and (pdir / MANIFEST).is_file():
-        return _finish(partial)  # interrupted while moving files into place
 
-    def open_arrays(shapes: dict, create: bool) -> dict[str, np.ndarray]:
-        arrays = {}
-        for key, shape in shapes.items():
-            path = pdir / f"{key}.npy"
-            if create:
-                arrays[key] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
-                continue
-            try:
-                arr = np.load(path, mmap_mode="r+", allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise DataError(f"{where(path)}partial extraction is damaged ({exc}); pass --overwrite "
-                                "(overwrite=True) to start again") from None
-            if list(arr.shape) != list(shape) or str(arr.dtype) != dtype:
-                raise DataError(f"{where(path)}partial extraction has shape {list(arr.shape)} {arr.dtype}, "
-                                f"expected {list(shape)} {dtype}; pass --overwrite to start again")
-            arrays[key] = arr
-        return arrays
+def _open_arrays(pdir: Path, shapes: dict, dtype: str, create: bool) -> dict[str, np.ndarray]:
+    """Memory-map the partial feature arrays of ``shapes``: new files, or existing ones checked."""
+    arrays = {}
+    for key, shape in shapes.items():
+        path = pdir / f"{key}.npy"
+        if create:
+            arrays[key] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+            continue
+        try:
+            arr = np.load(path, mmap_mode="r+", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{where(path)}partial extraction is damaged ({exc}); pass --overwrite "
+                            "(overwrite=True) to start again") from None
+        if list(arr.shape) != list(shape) or str(arr.dtype) != dtype:
+            raise DataError(f"{where(path)}partial extraction has shape {list(arr.shape)} {arr.dtype}, "
+                            f"expected {list(shape)} {dtype}; pass --overwrite to start again")
+        arrays[key] = arr
+    return arrays
 
+
+def _extract_rows(dataset: CrossModalDataset, tower: ImageTower, source: _ImageSource, partial: _Partial,
+                  state: dict, *, batch_size: int, on_error: str, grid: bool, dtype: str, num_workers: int,
+                  progress: bool, device: torch.device) -> None:
+    """Run the tower over the images not done yet, writing rows and progress after every batch."""
+    n = dataset.num_images
+    pdir = partial.dir
     try:
         valid = np.load(pdir / "valid.npy", mmap_mode="r+", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise DataError(f"{where(pdir / 'valid.npy')}partial extraction is damaged ({exc}); "
                         "pass --overwrite (overwrite=True) to start again") from None
-    arrays = open_arrays(state["shapes"], create=False) if state["shapes"] else {}
+    arrays = _open_arrays(pdir, state["shapes"], dtype, create=False) if state["shapes"] else {}
 
     was_training = tower.training
     tower.eval()
@@ -555,7 +571,7 @@ def _run(dataset: CrossModalDataset, tower: ImageTower, source: _ImageSource, pa
     np_dtype = np.dtype(dtype)
     skipped: list[dict] = state["skipped"]
     elapsed0, t0 = float(state.get("elapsed_s", 0.0)), time.perf_counter()
-    bar = _progress_bar(progress)
+    bar = make_progress(RateColumn("img"), enabled=progress and sys.stderr.isatty(), stderr=True)
     try:
         starts = range(state["done"], n, batch_size)
         batches = _batches(source, tower.preprocess, starts, batch_size, n, num_workers)
@@ -564,43 +580,20 @@ def _run(dataset: CrossModalDataset, tower: ImageTower, source: _ImageSource, pa
             task = bar.add_task(f"extract {dataset.name}/{dataset.split}", total=n, completed=state["done"])
             for batch in batches:
                 lo, hi = int(batch.indices[0]), int(batch.indices[-1]) + 1
-                ok = [k for k, e in enumerate(batch.errors) if e is None]
-                for k, reason in enumerate(batch.errors):
-                    if reason is None:
-                        continue
-                    i = int(batch.indices[k])
-                    if on_error == "fail":
-                        raise ImageLoadError(source.label(i), reason)
-                    skipped.append({"index": i, "id": dataset.image_ids[i], "path": source.label(i),
-                                    "reason": reason})
-                    if len(skipped) <= _MAX_LOGGED_SKIPS:
-                        log.warning("skipping image %r (%s): %s", dataset.image_ids[i], source.label(i), reason)
+                ok = _note_failures(batch, dataset, source, on_error, skipped)
                 if ok:
-                    x = torch.stack([batch.pixels[k] for k in ok]).to(device)  # (b, 3, H, W)
-                    out = tower(x)
-                    pooled = out.pooled.float().cpu().numpy()
-                    tokens = out.tokens.float().cpu().numpy() if grid else None
-                    _check_output(out, pooled, tokens, len(ok))
+                    pooled, tokens = _encode(tower, batch, ok, device, grid)
                     if not arrays:
                         shapes = {"pooled": [n, pooled.shape[1]]}
                         if grid:
                             shapes["grid"] = [n, *tokens.shape[1:]]
-                        arrays = open_arrays(shapes, create=True)
+                        arrays = _open_arrays(pdir, shapes, dtype, create=True)
                         state["shapes"] = shapes
                     for key, val in (("pooled", pooled), ("grid", tokens)):
                         if key not in arrays:
                             continue
-                        if list(val.shape[1:]) != list(arrays[key].shape[1:]):
-                            raise XmodalError(f"tower output {key} has shape {list(val.shape[1:])} per image, "
-                                              f"earlier batches had {list(arrays[key].shape[1:])}")
-                        block = np.zeros((hi - lo, *val.shape[1:]), dtype=np_dtype)
-                        with np.errstate(over="ignore"):  # overflow is caught just below, with advice
-                            block[ok] = val
-                        if not np.isfinite(block).all():
-                            raise XmodalError(
-                                f"tower produced non-finite {key} features for images {lo}..{hi - 1}"
-                                + (" (float16 overflows above 65504: try dtype float32)" if dtype == "float16" else ""))
-                        arrays[key][lo:hi] = block
+                        arrays[key][lo:hi] = _rows_block(key, val, list(arrays[key].shape[1:]), ok, lo, hi,
+                                                         np_dtype, dtype)
                         arrays[key].flush()
                 elif arrays:  # every image in this batch failed: rows must still read as zero
                     for arr in arrays.values():
@@ -617,16 +610,49 @@ def _run(dataset: CrossModalDataset, tower: ImageTower, source: _ImageSource, pa
         tower.train(was_training)
         del arrays, valid  # close the memory maps before files move
 
-    if not state["shapes"]:
-        first = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
-        raise DataError(f"{dataset.name}/{dataset.split}: none of the {n} images could be read ({first})")
-    if len(skipped) > _MAX_LOGGED_SKIPS:
-        log.warning("... and %d more skipped images", len(skipped) - _MAX_LOGGED_SKIPS)
-    if skipped:
-        log.warning("%s/%s: %d of %d images could not be read and were skipped (zero rows, valid=False); "
-                    "all are listed in %s", dataset.name, dataset.split, len(skipped), n, out_dir / MANIFEST)
-    _write_manifest(partial, state, dataset, device, batch_size)
-    return _finish(partial)
+
+def _note_failures(batch: _Batch, dataset: CrossModalDataset, source: _ImageSource, on_error: str,
+                   skipped: list[dict]) -> list[int]:
+    """Record (or, with on_error="fail", raise for) the batch's unreadable images; the readable positions."""
+    ok = [k for k, e in enumerate(batch.errors) if e is None]
+    for k, reason in enumerate(batch.errors):
+        if reason is None:
+            continue
+        i = int(batch.indices[k])
+        if on_error == "fail":
+            raise ImageLoadError(source.label(i), reason)
+        skipped.append({"index": i, "id": dataset.image_ids[i], "path": source.label(i),
+                        "reason": reason})
+        if len(skipped) <= _MAX_LOGGED_SKIPS:
+            log.warning("skipping image %r (%s): %s", dataset.image_ids[i], source.label(i), reason)
+    return ok
+
+
+def _encode(tower: ImageTower, batch: _Batch, ok: list[int], device: torch.device,
+            grid: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The tower's pooled vectors (b, D) and, with ``grid``, tokens (b, T, D) for the readable images."""
+    x = torch.stack([batch.pixels[k] for k in ok]).to(device)  # (b, 3, H, W)
+    out = tower(x)
+    pooled = out.pooled.float().cpu().numpy()
+    tokens = out.tokens.float().cpu().numpy() if grid else None
+    _check_output(out, pooled, tokens, len(ok))
+    return pooled, tokens
+
+
+def _rows_block(key: str, val: np.ndarray, row_shape: list[int], ok: list[int], lo: int, hi: int,
+                np_dtype: np.dtype, dtype: str) -> np.ndarray:
+    """Rows ``lo..hi-1`` of array ``key``: ``val`` at the readable positions, zero elsewhere, checked."""
+    if list(val.shape[1:]) != row_shape:
+        raise XmodalError(f"tower output {key} has shape {list(val.shape[1:])} per image, "
+                          f"earlier batches had {row_shape}")
+    block = np.zeros((hi - lo, *val.shape[1:]), dtype=np_dtype)
+    with np.errstate(over="ignore"):  # overflow is caught just below, with advice
+        block[ok] = val
+    if not np.isfinite(block).all():
+        raise XmodalError(
+            f"tower produced non-finite {key} features for images {lo}..{hi - 1}"
+            + (" (float16 overflows above 65504: try dtype float32)" if dtype == "float16" else ""))
+    return block
 
 
 def _check_output(out, pooled: np.ndarray, tokens: np.ndarray | None, b: int) -> None:
@@ -757,14 +783,14 @@ def extract_features_sharded(dataset: CrossModalDataset, tower: ImageTower, out_
     """:func:`extract_features` split over the processes of a ``torchrun`` job.
 
     Every process calls it with the same arguments and ``env`` (a
-    :class:`xmodal.train.distributed.DistEnv`). Rank ``r`` extracts the ``r``-th contiguous
+    :class:`xmodal.distributed.DistEnv`). Rank ``r`` extracts the ``r``-th contiguous
     shard of the images, cut on whole batches so its batches are those of a 1-process run,
     into ``<out>/.shards/`` (a resumable feature folder of its own); rank 0 then merges the
     shards into ``<out>`` through the same ``.partial`` folder and manifest-last rename as
     a 1-process extraction, so the result, manifest inputs included, is the same folder.
     Every process returns the merged :class:`FeatureSet`.
     """
-    from .train.distributed import barrier, shard_bounds
+    from ..distributed import barrier, shard_bounds
 
     out_dir = Path(out_dir)
     if dtype not in DTYPES:

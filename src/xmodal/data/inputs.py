@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from ..data.base import CrossModalDataset, GroundTruth
+from .base import CrossModalDataset, GroundTruth
 from ..errors import DataError
 from ..models.base import TowerOutput
 
@@ -273,7 +273,7 @@ class PixelImages:
     """Decoded, preprocessed pixels for a pixel tower that is being trained end to end."""
 
     def __init__(self, dataset: CrossModalDataset, preprocess: Callable[[Any], torch.Tensor]) -> None:
-        from ..data.images import open_image
+        from .images import open_image
 
         self.dataset = dataset
         self.preprocess = preprocess
