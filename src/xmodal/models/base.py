@@ -62,6 +62,14 @@ class TextTower(nn.Module):
         return False
 
 
+class AttachedRun(nn.Module):
+    """A finished model attached inside another (a re-ranker's first stage): rebuilt from its
+    own run folder, so a checkpoint may leave it out."""
+
+    def rebuilt_from_source(self) -> bool:
+        return True
+
+
 class Scorer(nn.Module):
     """What every model may declare, each hook with its default; eval, index, search and
     train call these, never ``getattr(model, ...)``."""

@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, XmodalError
-from .base import IMAGE_TOWERS, MODEL_ARGS, MODELS, EmbeddingScorer, PairScorer, TowerOutput, parse_model_args
+from .base import (IMAGE_TOWERS, MODEL_ARGS, MODELS, AttachedRun, EmbeddingScorer, PairScorer, TowerOutput,
+                   parse_model_args)
 from .transformer import TextEmbeddings, TransformerEncoder, image_token_inputs, load_bert
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def boxes7(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat([boxes, boxes[..., 4:5] * boxes[..., 5:6]], dim=-1)  # (..., 7)
 
 
-class FirstStage(nn.Module):
+class FirstStage(AttachedRun):
     """A finished embedding model, frozen; rebuilt from its run folder (not checkpointed)."""
 
     def __init__(self, run_dir: str) -> None:
@@ -119,9 +120,6 @@ class FirstStage(nn.Module):
 
     def train(self, mode: bool = True) -> "FirstStage":
         return super().train(False)
-
-    def rebuilt_from_source(self) -> bool:
-        return True
 
 
 class CrossEncoder(PairScorer):

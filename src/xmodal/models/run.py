@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import Config, ModelConfig, load_config
 from ..errors import ConfigError, XmodalError, where
-from .base import MODELS, EmbeddingScorer, PairScorer
+from .base import MODELS, EmbeddingScorer, AttachedRun, ImageTower, PairScorer, Scorer, TextTower
 
 #: the two kinds of scorer a run can hold (see :mod:`xmodal.models.base`)
 KINDS = ("embedding", "pair")
@@ -87,15 +87,13 @@ def skipped_prefixes(model: nn.Module) -> tuple[str, ...]:
     """State-dict prefixes a checkpoint leaves out: frozen towers whose every weight comes from
     the files their config names. A frozen tower with random parts (a frozen BiGRU, a new
     projection) is saved: rebuilding it would give other weights."""
-    hook = getattr(model, "frozen_prefixes", None)  # any nn.Module may be saved, not only scorers
     out = []
-    for prefix in hook() if callable(hook) else []:
+    for prefix in model.frozen_prefixes() if isinstance(model, Scorer) else []:
         try:
             sub = model.get_submodule(prefix.rstrip("."))
         except AttributeError:
             continue
-        rebuilt = getattr(sub, "rebuilt_from_source", None)
-        if callable(rebuilt) and rebuilt():
+        if isinstance(sub, (ImageTower, TextTower, AttachedRun)) and sub.rebuilt_from_source():
             out.append(prefix)
     return tuple(out)
 
