@@ -163,7 +163,7 @@ def test_reranker_refuses_what_it_cannot_score(runs, tmp_path):
 def test_first_stage_errors(catalogue, tmp_path, capsys):
     folder, csv, _ = catalogue
     assert main(["eval", str(tmp_path / "nope"), "--first-stage", str(tmp_path)]) == 2
-    assert "no best checkpoint" in capsys.readouterr().err
+    assert "no such folder" in capsys.readouterr().err
 
 
 def test_serve_service_reranks_like_search(runs):

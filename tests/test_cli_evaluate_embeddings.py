@@ -1,6 +1,7 @@
 """``xmodal evaluate-embeddings``: output formats and one-line errors."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -37,10 +38,37 @@ def run(argv, capsys):
 
 
 def test_table_output(files, capsys):
+    """The table is ``xmodal eval``'s: print_metrics of the same numbers, line for line."""
+    from rich.console import Console
+
+    from xmodal.eval.report import print_metrics
+
     p, *_ = files
     rc, out, err = run([p["img"], p["txt"], "--text-to-image", p["map"]], capsys)
     assert rc == 0, err
-    assert "R@1" in out and "image -> text" in out and "text -> image" in out and "rsum" in out
+    assert "R@1" in out and "i2t (image \u2192 text)" in out and "t2i (text \u2192 image)" in out and "rsum" in out
+    rc, js, _ = run([p["img"], p["txt"], "--text-to-image", p["map"], "--json"], capsys)
+    console = Console(file=io.StringIO(), width=80, color_system=None)
+    print_metrics(json.loads(js), console=console, title="full: 30 images x 60 texts")
+    assert out == console.file.getvalue()
+
+
+def test_parser_and_module_import_nothing_heavy():
+    """``xmodal --help`` builds every parser: eval's and this one's must not pull in torch & co."""
+    code = (
+        "import argparse, sys\n"
+        "from xmodal.cli import evaluate, evaluate_embeddings\n"
+        "evaluate._args(argparse.ArgumentParser()); evaluate_embeddings._args(argparse.ArgumentParser())\n"
+        "heavy = ('torch', 'numpy', 'matplotlib', 'PIL', 'xmodal.eval.metrics', 'xmodal.eval.report')\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    from xmodal.cli.evaluate_embeddings import DEFAULT_BLOCK_SIZE
+    from xmodal.eval.metrics import DEFAULT_BLOCK_SIZE as ENGINE_DEFAULT
+
+    assert DEFAULT_BLOCK_SIZE == ENGINE_DEFAULT
 
 
 def test_json_keys_and_values(files, capsys):

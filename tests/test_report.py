@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 
 import numpy as np
@@ -16,6 +17,7 @@ from xmodal.eval.report import (
     format_table,
     metrics_markdown,
     print_metrics,
+    read_metrics_log,
     recall_curve,
     write_report,
 )
@@ -211,3 +213,113 @@ def test_bad_ranks_raise(tmp_path) -> None:
     with pytest.raises(ValueError, match="i2t_ranks"):
         write_report(tmp_path, metrics={}, i2t_ranks=np.array([-2, 1]), t2i_ranks=None,
                      queries=None)
+
+
+# ----------------------------------------------------------------- the run report's sections
+
+
+def _log_rows() -> list[dict]:
+    rows = [{"step": s, "kind": "train", "loss": 5.0 - s / 100, "lr": 1e-3} for s in (20, 40, 60, 80)]
+    rows += [{"step": s, "kind": "val", **_metrics(np.array([0, 3, 7]), np.array([1, 2, 20])),
+              "rsum": r} for s, r in ((40, 150.0), (80, 180.5))]
+    return rows
+
+
+def test_read_metrics_log_dedupes_resumed_steps_and_skips_bad_lines(tmp_path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    rows = _log_rows()
+    lines = [json.dumps(r) for r in rows]
+    # a resumed run logs step 60 again (the later value wins); a crash left half a line
+    lines.insert(3, json.dumps({"step": 60, "kind": "train", "loss": 9.0}))
+    lines += ['{"step": 100, "kind": "tra', "", json.dumps({"kind": "train"}),
+              json.dumps({"step": 60, "kind": "train", "loss": 4.25})]
+    path.write_text("\n".join(lines) + "\n")
+    got = read_metrics_log(path)
+    assert sorted((r["step"], r["kind"]) for r in got) == [(20, "train"), (40, "train"), (40, "val"),
+                                                           (60, "train"), (80, "train"), (80, "val")]
+    assert [r["step"] for r in got] == sorted(r["step"] for r in got)
+    assert next(r for r in got if r["step"] == 60)["loss"] == 4.25
+    assert read_metrics_log(tmp_path / "missing.jsonl") == []
+
+
+def _grid(rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def _run_report_inputs(rng: np.random.Generator) -> dict:
+    """Everything a run report shows; query 0 and image query 0 miss (correct item far down)."""
+    hit = {"text": "a red heart", "first_correct_rank": 2, "candidates": 500, "results": [
+        {"image": _grid(rng), "score": 0.9 - 0.1 * j, "correct": j == 1, "label": f"img{j}"} for j in range(5)]}
+    miss = {"text": f"lion {EVIL}", "first_correct_rank": 37, "candidates": 500,
+            "first_correct": {"image": _grid(rng), "label": "the lion image", "score": 0.41},
+            "results": [{"image": _grid(rng), "score": 0.8 - 0.01 * j, "correct": False,
+                         "label": f"kangaroo {j}"} for j in range(5)]}
+    img_miss = {"image": _grid(rng), "label": "moose (google)", "first_correct_rank": 12, "candidates": 80,
+                "first_correct": {"text": "a moose", "score": 0.5},
+                "results": [{"text": f"caption {j} {EVIL}", "score": 0.7, "correct": False} for j in range(5)]}
+    img_hit = {"image": None, "label": "features_only_17", "first_correct_rank": 1, "candidates": 80,
+               "results": [{"text": "the right one", "score": 0.9, "correct": True}]}
+    m = _metrics(np.array([0, 1, 4, 30]), np.array([0, 2, 9, 36]))
+    return {"metrics": m, "queries": [miss, hit], "image_queries": [img_miss, img_hit],
+            "summary": {"model": "dual_encoder (embedding scorer)", "image tower": "efficientnet_lite0",
+                        "text tower": f"hf {EVIL}", "embedding size": 256, "loss": "siglip",
+                        "steps": "80 of 80", "best step": "80 (validation rsum 180.5)"},
+            "config": {"model": {"embed_dim": 256}, "loss": {"name": "siglip"}},
+            "training_log": _log_rows(), "best_step": 80, "val_metrics": {**m, "rsum": 180.5},
+            "metrics_heading": "Test metrics", "val_note": "val split at step 80"}
+
+
+def test_run_report_has_every_section(tmp_path) -> None:
+    inputs = _run_report_inputs(np.random.default_rng(3))
+    out = write_report(tmp_path, i2t_ranks=np.array([0, 1, 4, 30]), t2i_ranks=np.array([0, 2, 9, 36]),
+                       title="run", extra={"run": "/runs/x"}, **inputs)
+    assert set(out) == {"html", "training_curves", "recall_curve", "queries"}
+    page = out["html"].read_text(encoding="utf-8")
+    ids = re.findall(r'<section id="([^"]+)">', page)
+    assert ids == ["summary", "metrics", "training-curves", "recall-k", "text-image-examples",
+                   "image-text-examples", "run-information"]
+    # config summary: towers, loss, steps, best step, embedding size; the full config folded below
+    for needle in ("image tower", "text tower", "embedding size", ">256<", "siglip", "best step", "80 of 80",
+                   "<details><summary>Full configuration", "model.embed_dim"):
+        assert needle in page, needle
+    # test and validation metrics, both as tables
+    assert "<h3>Test metrics</h3>" in page and "<h3>Validation metrics</h3>" in page
+    assert page.count('<table class="metrics">') == 2 and ">180.5<" in page
+    # the training curves are embedded and are the file on disk
+    curves = _decode_png(out["training_curves"].read_bytes())
+    assert curves.width > 800 and curves.height > 300
+    b64 = re.search(r'alt="training loss and validation rsum per step" src="data:image/png;base64,([^"]+)"',
+                    page).group(1)
+    assert base64.b64decode(b64) == out["training_curves"].read_bytes()
+    # a text query that missed says where its correct image is, and shows it
+    assert "not in the top 5: first correct image at rank 37 of 500" in page
+    assert "the lion image, score 0.410" in page
+    assert "first correct image at rank 2 of 500" in page  # a hit says it too, without alarm
+    # an image query that missed says where its first correct caption is
+    assert "not in the top 5: first correct caption at rank 12 of 80" in page and "\u201ca moose\u201d" in page
+    assert "first correct caption at rank 1 of 80" in page
+    assert '<div class="tile">features_only_17</div>' in page  # no pixels: the label stands in
+    # user text escaped everywhere (captions in both directions, the summary), self-contained
+    assert "<script" not in page.lower() and page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 7
+    srcs = re.findall(r'src="([^"]*)"', page)
+    assert all(s.startswith("data:image/") for s in srcs)
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+
+
+def test_run_report_with_missing_pieces(tmp_path) -> None:
+    """An empty training log says so; results without images get labels and no queries.png."""
+    (tmp_path / "training_curves.png").write_bytes(b"stale")
+    queries = [{"text": "q", "first_correct_rank": float("inf"), "candidates": 3,
+                "results": [{"score": 0.5, "correct": False, "label": "img_a"}]}]
+    out = write_report(tmp_path, metrics={}, i2t_ranks=None, t2i_ranks=None, queries=queries,
+                       summary={"model": "adapt_ens", "training": "none"}, training_log=[])
+    assert set(out) == {"html"}
+    assert not (tmp_path / "training_curves.png").exists() and not (tmp_path / "queries.png").exists()
+    page = out["html"].read_text(encoding="utf-8")
+    assert "No training log (metrics.jsonl)" in page and "Validation metrics" not in page
+    assert '<div class="tile">img_a</div>' in page and "no correct image among the candidates" in page
+    assert "<img" not in page
+    # only validation rows, no training loss: one panel
+    out = write_report(tmp_path / "val_only", metrics={}, i2t_ranks=None, t2i_ranks=None, queries=None,
+                       training_log=[r for r in _log_rows() if r["kind"] == "val"], best_step=None)
+    assert "training_curves" in out

@@ -74,9 +74,9 @@ def test_index_then_search_text(run_dir, image_index, capsys):
     assert ref["run"] == str(run_dir.resolve()) and ref["checkpoint"] == "best"
     assert len(ref["config_hash"]) == 64 and len(ref["weights_sha256"]) == 64
     meta = (image_index / "metadata.jsonl").read_text().splitlines()
-    assert json.loads(meta[0]) == {"dataset": "data", "split": "test", "image_id": "0"}  # precomp: no path
-
     caps = _test_captions(run_dir)
+    # precomp: no path; the image's captions (its texts in the ground truth) name it
+    assert json.loads(meta[0]) == {"dataset": "data", "split": "test", "image_id": "0", "captions": caps[0:2]}
     hits = 0
     queries = list(range(0, 80, 5))  # 16 captions
     for c in queries:
@@ -93,9 +93,17 @@ def test_index_then_search_text(run_dir, image_index, capsys):
     # chance of a correct image in the top 5 of 40 is about 5/40 per query
     assert hits / len(queries) > 0.5, hits
 
-    # the rich table
+    # results name their image for people: its first caption ("label"), and all of them
+    rc, out, _ = _cli(capsys, "search", image_index, caps[0], "-k", 3, "--json")
+    for r in json.loads(out)["results"]:
+        i = int(r["image_id"])
+        assert r["captions"] == caps[2 * i:2 * i + 2] and r["label"] == caps[2 * i]
+
+    # the rich table: a caption / name column (no file column: feature rows have no files)
     rc, out, _ = _cli(capsys, "search", image_index, caps[0], "-k", 3)
-    assert rc == 0 and "test/" in out and "rank" in out
+    assert rc == 0 and "test/" in out and "rank" in out and "caption / name" in out and "file" not in out
+    top = json.loads(_cli(capsys, "search", image_index, caps[0], "-k", 1, "--json")[1])["results"][0]
+    assert top["label"][:20] in out
 
     # the Python API gives the same ranking
     import xmodal
@@ -135,7 +143,8 @@ def test_add_appends_and_refuses_another_run(run_dir, image_index, tmp_path, cap
     assert main(["index", str(other), "--data", "split:test", "--out", str(moved), "--no-progress"]) == 0
     w = other / "best" / "model.safetensors"
     w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\0")
-    _user_error(capsys, "search", moved, "a red circle", match="different weights")
+    err = _user_error(capsys, "search", moved, "a red circle", match="")
+    assert "different weights" in err or "checksum mismatch" in err, err  # the latter: checkpoint manifests
 
 
 def test_text_index_and_same_modality_search(run_dir, tmp_path, capsys):
@@ -294,6 +303,9 @@ def test_folder_index_with_pixel_model(tmp_path, capsys):
     assert rc == 0, err
     res = json.loads(out)["results"]
     assert len(res) == 8 and all(Path(r["path"]).is_file() for r in res)
+    assert all(r["label"] == Path(r["path"]).name and "captions" not in r for r in res)  # a folder: file names
+    rc, out, err = _cli(capsys, "search", idx, "a red picture", "-k", 2)
+    assert rc == 0 and "caption / name" in out and "file" in out  # real files get a column
     # an image query against an image index (allowed, noted): the image finds itself first
     rc, out, err = _cli(capsys, "search", idx, "--image", imgs / "sub" / "blue1.png", "-k", 2, "--json")
     assert rc == 0 and "note: image query" in err
@@ -306,3 +318,53 @@ def test_folder_index_with_pixel_model(tmp_path, capsys):
     rc, out, err = _cli(capsys, "search", tidx, "--image", imgs / "red0.png", "-k", 3, "--json")
     assert rc == 0 and "note" not in err
     assert all("caption" in r for r in json.loads(out)["results"])
+
+
+def test_image_captions_at_index_time(run_dir, image_index, tmp_path):
+    """Each indexed image stores up to 5 of its captions (most specific first, each cut to 200
+    characters); the sharded build stores the same; an index without them still searches."""
+    from xmodal.data import emoji
+    from xmodal.data.base import CrossModalDataset, GroundTruth
+    from xmodal.distributed import DistEnv
+    from xmodal.index import Index
+    from xmodal.index.build import MAX_CAPTION_CHARS, ImageCaptions, item_records, load_index_run
+    from xmodal.index.sharded import build_index_sharded
+    from xmodal.search import search_text
+
+    # the emoji dataset: an image's caption is its name (the label), not its code
+    ds = emoji.read("emoji", "test")
+    ids, meta = item_records(ds, np.arange(4), "image", {"dataset": "emoji", "split": "test"}, "test/")
+    assert ids[0] == f"test/{ds.image_ids[0]}"
+    labels = emoji.open_pack("emoji").meta["text"]["en"]["label"]
+    unified = emoji.open_pack("emoji").unified
+    for m in meta:
+        assert m["captions"] == [labels[unified.index(m["image_id"].split("/")[1])]], m
+    # with tags as captions too, the name still comes first
+    ds_all = emoji.read("emoji", "test", captions="all")
+    first = ImageCaptions(ds_all)
+    assert all(first(i)[0] == meta[i]["captions"][0] for i in range(4))
+
+    # bounded: at most 5 captions, each at most 200 characters, the most specific first
+    texts = [f"caption {t} " + "x" * 300 for t in range(7)] + ["shared by both images"]
+    gt = GroundTruth.from_map([[0]] * 7 + [[0, 1]], 2)
+    toy = CrossModalDataset(name="toy", split="test", image_ids=["a", "b"], text_ids=[str(t) for t in range(8)],
+                            captions=texts, gt=gt)
+    _, meta = item_records(toy, np.arange(2), "image", {}, "")
+    assert len(meta[0]["captions"]) == 5 and all(len(c) == MAX_CAPTION_CHARS for c in meta[0]["captions"])
+    assert meta[0]["captions"][0].startswith("caption 0 ") and meta[0]["captions"][0].endswith("…")
+    assert meta[1]["captions"] == ["shared by both images"]
+
+    # the sharded build (1 process here) writes the same metadata as build_index
+    out = build_index_sharded(run_dir, "split:test", tmp_path / "sharded.idx", env=DistEnv())
+    with Index.open(out.path) as a, Index.open(image_index) as b:
+        assert a.metadata(np.arange(len(b))) == b.metadata(np.arange(len(b)))
+
+    # an index written before captions were stored: results still come, named by their dataset id
+    old = tmp_path / "old.idx"
+    shutil.copytree(image_index, old)
+    lines = [json.loads(x) for x in (old / "metadata.jsonl").read_text().splitlines()]
+    (old / "metadata.jsonl").write_text("".join(json.dumps({k: v for k, v in m.items() if k != "captions"}) + "\n"
+                                                for m in lines))
+    index = Index.open(old, verify=False)
+    res = search_text(index, load_index_run(index), "a red circle", 3)
+    assert len(res) == 3 and all("captions" not in r and r["label"] == r["image_id"] for r in res)

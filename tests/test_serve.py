@@ -19,18 +19,25 @@ from xmodal.serve import MAX_UPLOAD_BYTES, create_app, is_loopback, load_service
 from image_fixtures import train_pixel_run  # noqa: E402
 
 
-def build_pixel_fixture(root: Path) -> dict[str, Path]:
-    """A frozen EfficientNet-lite0 (64 px) + BiGRU run on 8 coloured PNGs; an image and a caption index."""
+def build_pixel_fixture(root: Path, table_index: bool = False) -> dict[str, Path]:
+    """A frozen EfficientNet-lite0 (64 px) + BiGRU run on 8 coloured PNGs; an image index of the
+    folder and a caption index (and, with ``table_index``, an image index of the table dataset,
+    whose rows store their captions)."""
     imgs, run = train_pixel_run(root)
     assert main(["index", str(run), "--data", str(imgs), "--out", str(root / "images.idx"), "--no-progress"]) == 0
     assert main(["index", str(run), "--data", f"table:{root / 'data.csv'}:all", "--out", str(root / "caps.idx"),
                  "--modality", "text", "--no-progress"]) == 0
-    return {"imgs": imgs, "run": run, "index": root / "images.idx", "text_index": root / "caps.idx"}
+    out = {"imgs": imgs, "run": run, "index": root / "images.idx", "text_index": root / "caps.idx"}
+    if table_index:
+        assert main(["index", str(run), "--data", f"table:{root / 'data.csv'}:all", "--out",
+                     str(root / "table.idx"), "--no-progress"]) == 0
+        out["table_index"] = root / "table.idx"
+    return out
 
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
-    return build_pixel_fixture(tmp_path_factory.mktemp("serve"))
+    return build_pixel_fixture(tmp_path_factory.mktemp("serve"), table_index=True)
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +76,20 @@ def test_page_health_info_openapi(client):
     assert info["index"]["size"] == 8 and info["index"]["modality"] == "image"
     assert info["text_index"]["size"] == 8 and info["text_index"]["modality"] == "text"
     assert info["model"]["type"] == "DualEncoder" and info["model"]["image_input"] == "pixels"
-    assert info["model"]["run"] == "run" and "/" not in json.dumps(info["model"]["run"])
+    # the folder's name (with its parent's for a generic "run"), never the full path
+    run_name = info["model"]["run"]
+    assert run_name.endswith("run") and run_name.count("/") <= 1 and not run_name.startswith("/")
+    assert info["model"]["name"] == "pix"  # the run's config name; the page's header shows both
+    assert info["limits"]["max_thumb_size"] == 1024
     assert info["capabilities"] == {"text_search": True, "image_search": True, "image_to_text": True,
                                     "thumbnails": True}
     schema = client.get("/openapi.json").json()
     assert {"/api/search", "/api/search/image", "/api/thumb/{row}", "/api/info", "/api/health"} <= set(schema["paths"])
     assert "multipart/form-data" in schema["paths"]["/api/search/image"]["post"]["requestBody"]["content"]
+    # the schema documents the errors as they are sent: 400 in the JSON shape, never FastAPI's 422
+    search_op = schema["paths"]["/api/search"]["get"]["responses"]
+    assert "422" not in search_op and search_op["400"]["content"]["application/json"]["schema"]["required"] == ["error"]
+    assert {"408", "413", "415"} <= set(schema["paths"]["/api/search/image"]["post"]["responses"])
 
 
 def test_text_search_matches_library(client, fx):
@@ -285,3 +300,65 @@ def test_emoji_thumbnails(fx, tmp_path):
         assert diff < 6, diff  # the same emoji, up to JPEG loss
         err = _error(c.get("/api/thumb/1"), 404, "no emoji 'google/zzzz'")
         assert base not in err["message"]  # no server paths in messages
+        # rows indexed before captions were stored are named from the emoji pack, not by code
+        res = c.get("/api/search", params={"q": "smile", "k": 2}).json()["results"]
+        labels = {r["id"]: r["label"] for r in res}
+        assert labels == {"test/google/1F642": "slightly smiling face", "test/google/ZZZZ": "google/ZZZZ"}
+
+
+def test_results_carry_captions_and_names(fx):
+    """Images indexed from a dataset carry their captions; the label names each result for people."""
+    service = load_service(fx["table_index"])
+    with TestClient(create_app(service)) as c:
+        res = c.get("/api/search", params={"q": "a red picture", "k": 8}).json()["results"]
+        assert len(res) == 8
+        for r in res:
+            colour = Path(r["image_id"]).stem.rstrip("01")
+            assert r["captions"] == [f"a {colour} picture"] and r["label"] == f"a {colour} picture"
+            assert "path" not in r and "folder" not in r
+        data = (fx["imgs"] / "sub" / "blue1.png").read_bytes()
+        body = c.post("/api/search/image", params={"k": 2}, files={"file": ("b.png", data, "image/png")}).json()
+        assert body["images"][0]["label"] == "a blue picture"
+    # a folder index: the file name (no captions)
+    with TestClient(create_app(load_service(fx["index"]))) as c:
+        res = c.get("/api/search", params={"q": "red", "k": 8}).json()["results"]
+        assert {r["label"] for r in res} == {f"{n}{j}.png" for n in ("red", "green", "blue", "yellow") for j in (0, 1)}
+        assert all("captions" not in r for r in res)
+
+
+def test_page_shows_captions_viewer_and_run(client):
+    html = client.get("/").text
+    for needle in ('id="run"', 'id="viewer"', 'role="dialog"', "Escape", "captionsOf", "max_thumb_size",
+                   'className = "caption"'):
+        assert needle in html, needle
+
+
+def test_thumbnail_sizes(client, fx):
+    big = client.get("/api/thumb/0", params={"size": 1024})
+    assert big.status_code == 200 and Image.open(io.BytesIO(big.content)).size[1] == 48  # never enlarged
+    small = client.get("/api/thumb/0", params={"size": 32})
+    assert small.status_code == 200 and max(Image.open(io.BytesIO(small.content)).size) == 32
+    assert client.get("/api/thumb/0").content == client.get("/api/thumb/0", params={"size": 256}).content
+    _error(client.get("/api/thumb/0", params={"size": 4096}), 400, "size:")
+    _error(client.get("/api/thumb/0", params={"size": 8}), 400, "size:")
+
+
+def test_unexpected_failure_is_one_logged_500(fx, caplog):
+    """An exception in a handler: a JSON 500, logged once with its traceback; the server goes on."""
+    service = load_service(fx["index"])
+    real = service.search_text
+    calls = []
+
+    def flaky(text, k):
+        calls.append(text)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(text, k)
+
+    service.search_text = flaky
+    with TestClient(create_app(service)) as c, caplog.at_level("WARNING"):
+        err = _error(c.get("/api/search", params={"q": "red"}), 500, "internal server error")
+        assert err["code"] == "internal_error" and "boom" not in err["message"]
+        tracebacks = [r for r in caplog.records if r.exc_info]
+        assert len(tracebacks) == 1 and "GET /api/search failed" in tracebacks[0].getMessage()
+        _still_serving(c)

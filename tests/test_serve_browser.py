@@ -18,19 +18,20 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install 'xmodal[serve]')")
 
 from test_serve import build_pixel_fixture  # noqa: E402
-from xmodal.serve import MAX_UPLOAD_BYTES, create_app, load_service  # noqa: E402
+from xmodal.serve import MAX_UPLOAD_BYTES, create_app, load_service, server_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
-    return build_pixel_fixture(tmp_path_factory.mktemp("serve_live"))
+    return build_pixel_fixture(tmp_path_factory.mktemp("serve_live"), table_index=True)
 
 
 @pytest.fixture(scope="module")
 def server(fx):
-    """(host, port) of a uvicorn server in a thread, on a free loopback port."""
-    app = create_app(load_service(fx["index"], fx["text_index"]))
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
+    """(host, port) of a uvicorn server in a thread, on a free loopback port: the table dataset's
+    images (which carry their captions) and the caption index."""
+    app = create_app(load_service(fx["table_index"], fx["text_index"]))
+    config = server_config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -111,6 +112,8 @@ def test_web_page_in_headless_chromium(server, fx, tmp_path):
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.goto(base + "/")
             sync_api.expect(page.locator("#info")).to_contain_text("8 images")
+            sync_api.expect(page.locator("#run")).to_have_text("run run · DualEncoder (config pix)")
+            assert page.title() == "xmodal search · run"
             sync_api.expect(page.locator("#drop")).to_be_visible()  # the model reads pixels
 
             # type a query, press Enter: a grid of scored images with ids
@@ -123,14 +126,34 @@ def test_web_page_in_headless_chromium(server, fx, tmp_path):
                                    ".every(i => i.complete && i.naturalWidth > 0)")
             scores = [float(s) for s in cards.locator(".score").all_inner_texts()]
             assert scores == sorted(scores, reverse=True)
-            ids = [json.loads(x) for x in (fx["index"] / "ids.jsonl").read_text().splitlines()]
-            assert set(cards.locator(".label").all_inner_texts()) == set(ids)
+            ids = [json.loads(x) for x in (fx["table_index"] / "ids.jsonl").read_text().splitlines()]
+            assert set(cards.locator(".id").all_inner_texts()) == set(ids)
+            # each thumbnail is named by its caption, not only by its id
+            assert set(cards.locator(".caption").all_inner_texts()) == {f"a {c} picture" for c in
+                                                                      ("red", "green", "blue", "yellow")}
             page.screenshot(path=str(tmp_path / "text_search.png"), full_page=True)
+
+            # a click enlarges a thumbnail (a larger rendering, with its captions); Escape closes it
+            first_caption = cards.first.locator(".caption").inner_text()
+            cards.first.locator("button.img").click()
+            viewer = page.locator("#viewer")
+            sync_api.expect(viewer).to_be_visible()
+            sync_api.expect(page.locator("#viewer-title")).to_have_text(first_caption)
+            assert "size=1024" in page.locator("#viewer-img").get_attribute("src")
+            page.wait_for_function("(() => { const i = document.getElementById('viewer-img');"
+                                   " return i.complete && i.naturalWidth > 0; })()")
+            page.screenshot(path=str(tmp_path / "viewer.png"))
+            page.keyboard.press("Escape")
+            sync_api.expect(viewer).to_be_hidden()
+            cards.nth(1).locator("button.img").click()
+            sync_api.expect(viewer).to_be_visible()
+            viewer.click()  # a click on the overlay closes it too
+            sync_api.expect(viewer).to_be_hidden()
 
             # search by image through the file picker: the image finds itself, plus captions
             page.set_input_files("#file", str(fx["imgs"] / "sub" / "green1.png"))
             sync_api.expect(page.locator("#status")).to_contain_text("green1.png in")
-            assert cards.first.locator(".label").inner_text() == "sub/green1.png"
+            assert cards.first.locator(".caption").inner_text() == "a green picture"
             sync_api.expect(page.locator("ol.texts li")).to_have_count(8)
             page.screenshot(path=str(tmp_path / "image_search.png"), full_page=True)
 

@@ -188,12 +188,15 @@ def _retrained_on_other_data(runs, tmp_path) -> Path:
     """A copy of run 1 whose config points at a dataset with fewer validation images."""
     import shutil
 
+    from xmodal.train.checkpoint import write_manifest
+
     data = write_shapes_table(tmp_path / "other", {"train": 1, "val": 1, "test": 1})
     run = tmp_path / "other_run"
     shutil.copytree(runs[1], run)
     for cfg in (run / "config.yaml", run / "best" / "config.yaml"):
         if cfg.exists():
             cfg.write_text(cfg.read_text().replace(str(runs[1].parent / "data" / "pairs.csv"), str(data)))
+    write_manifest(run / "best")  # the edit is on purpose: record it, as the docs say to
     return run
 
 

@@ -128,9 +128,10 @@ def test_resume_after_sigkill_is_exact(data, tmp_path):
 
 
 def test_early_stopping(data, tmp_path):
-    # lr = 0: validation rsum never improves after the first evaluation, so the second one stops the run
+    # lr = 1e-20 (0 is refused): updates below float32 resolution leave the model as it is, so validation
+    # rsum never improves after the first evaluation and the second one stops the run
     cfg = load_config(write_tiny_config(tmp_path / "c.yaml", data, steps=100),
-                      ["optim.lr=0.0", "train.eval_every=10", "train.early_stop=1"])
+                      ["optim.lr=1e-20", "train.eval_every=10", "train.early_stop=1"])
     summary = train(cfg, tmp_path / "run", progress=False)
     assert summary["stopped_early"] and summary["steps"] == 20 and summary["best_step"] == 10
 

@@ -3,8 +3,11 @@
 A YAML file may start with ``include: other.yaml`` (or a list); included files are merged
 first, then the file's own keys, then command-line overrides such as ``optim.lr=2e-4``.
 Every key is checked against the dataclass tree: an unknown key is an error naming the key
-and the valid ones, a value of the wrong type is an error naming the field. The resolved
-config is saved beside every run and checkpoint (:func:`to_dict`, :func:`save`).
+and the valid ones, a value of the wrong type is an error naming the field, and every number
+is checked against its range (:data:`RANGES`, :func:`validate`: ``train.batch_size >= 1``,
+``optim.lr`` finite and > 0, no NaN or infinity anywhere, integers that fit 64 bits) before
+any work starts. The resolved config is saved beside every run and checkpoint
+(:func:`to_dict`, :func:`save`).
 
 ``model.args`` and ``loss.args`` stay free mappings here: each model type and each loss
 declares a dataclass of its own arguments (``xmodal.models.base.MODEL_ARGS``,
@@ -15,6 +18,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -155,20 +159,39 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: an int of > 4300 digits
+        raise ConfigError(f"{path}{_yaml_problem(exc, text)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping, got {type(data).__name__}")
     includes = data.pop("include", None) or []
     if isinstance(includes, str):
         includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
+        raise ConfigError(f"{path}: include: expected a file name or a list of file names, got {show_value(includes)}")
     merged: dict = {}
     for inc in includes:
+        if not (path.parent / inc).is_file():
+            raise ConfigError(f"{path}: include {inc!r}: config file not found (relative to this file's folder)")
         merged = _deep_merge(merged, _read_yaml(path.parent / inc, seen + (path,)))
     return _deep_merge(merged, data)
+
+
+def _yaml_problem(exc: BaseException, text: str) -> str:
+    """``:LINE: invalid YAML: <problem>`` on one line (the line where the parser stopped)."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character: no mark, a position
+        line = text.count("\n", 0, exc.position) + 1
+        return f":{line}: invalid YAML: character {exc.character!r} is not allowed in YAML"
+    mark = getattr(exc, "problem_mark", None)
+    line = f":{mark.line + 1}" if mark is not None else ""
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    return f"{line}: invalid YAML: {problem}"
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -192,11 +215,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ConfigError(f"override {text!r}: empty key")
+    keys = [k.strip() for k in key.split(".")]
+    if not all(keys):
+        raise ConfigError(f"override {text!r}: empty part in the key {key.strip()!r} (expected e.g. optim.lr=2e-4)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # not YAML: the text as it is
         value = raw
-    return key.strip().split("."), value
+    return keys, value
 
 
 def _set_dotted(tree: dict, keys: list[str], value: Any) -> None:
@@ -224,41 +250,42 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {show_value(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {show_value(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {show_value(value)}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected a number, got {show_value(value)}")
+        try:
+            return float(value)
+        except (ValueError, OverflowError):  # not a number / an int too large for a float
+            raise ConfigError(f"{where}: expected a number, got {show_value(value)}") from None
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+            try:
+                return str(value)
+            except ValueError:  # an int of more than 4300 digits
+                raise ConfigError(f"{where}: expected a string, got {show_value(value)}") from None
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {show_value(value)}")
         return value
     if tp is dict or origin is dict:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {show_value(value)}")
         return dict(value)
     if tp is list or origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {show_value(value)}")
         return list(value)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
@@ -269,7 +296,7 @@ def _build(cls: type, data: Any, where: str):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {show_value(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -297,7 +324,96 @@ def _merge_dataclass(obj: Any, data: dict, where: str):
 
 
 def from_dict(data: dict) -> Config:
-    return _build(Config, data, "")
+    """A :class:`Config` from a plain mapping: unknown keys, types and ranges checked."""
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------
+# value ranges: checked on every load, before any work starts
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Range:
+    """What a numeric field accepts: ``low`` (``> low`` when ``open_low``), below ``high``."""
+
+    low: float
+    open_low: bool = False
+    high: float | None = None
+
+    def accepts(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        return above and (self.high is None or value < self.high)
+
+    def words(self, integer: bool) -> str:
+        low = int(self.low) if integer else self.low
+        if self.high is not None:
+            return f"a number in {'(' if self.open_low else '['}{low}, {self.high})"
+        kind = "an integer" if integer else "a finite number"
+        return f"{kind} {'>' if self.open_low else '>='} {low}"
+
+
+_AT_LEAST_1, _AT_LEAST_0, _POSITIVE, _FRACTION = Range(1), Range(0), Range(0, open_low=True), Range(0, high=1)
+#: the range of every numeric field of the config tree (a numeric field missing here fails the tests).
+#: Integers must also fit 64 bits (``< 2**63``), floats must be finite.
+RANGES: dict[str, Range] = {
+    "model.embed_dim": _AT_LEAST_1,
+    "model.image_head.hidden_dim": _AT_LEAST_1, "model.image_head.dropout": _FRACTION,
+    "model.text_head.hidden_dim": _AT_LEAST_1, "model.text_head.dropout": _FRACTION,
+    "optim.lr": _POSITIVE, "optim.weight_decay": _AT_LEAST_0, "optim.warmup_steps": _AT_LEAST_0,
+    "optim.step_size": _AT_LEAST_1, "optim.gamma": _POSITIVE, "optim.grad_clip": _AT_LEAST_0,
+    "optim.betas": _FRACTION,  # each of the two
+    "train.steps": _AT_LEAST_1, "train.batch_size": _AT_LEAST_1,
+    # 0 = off for the periodic ones (the last step is always evaluated and checkpointed)
+    "train.eval_every": _AT_LEAST_0, "train.early_stop": _AT_LEAST_0, "train.log_every": _AT_LEAST_0,
+    "train.seed": _AT_LEAST_0, "train.keep_checkpoints": _AT_LEAST_0, "train.checkpoint_every": _AT_LEAST_0,
+    "train.extract_batch_size": _AT_LEAST_1,
+    "eval.block_size": _AT_LEAST_1, "eval.rerank_k": _AT_LEAST_0, "eval.rerank_fusion": _AT_LEAST_0,
+}
+INT64_LIMIT = 2**63
+
+
+def validate(cfg: Any, where: str = "") -> None:
+    """Check every numeric field of a config (sub)tree against :data:`RANGES`: a
+    :class:`ConfigError` ``"<dotted.key>: expected <range>, got <value>"`` for the first one out of
+    range (NaN and infinities never pass; integers fit 64 bits)."""
+    for f in dataclasses.fields(cfg):
+        dotted = f"{where}.{f.name}" if where else f.name
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, dotted)
+        elif dotted == "optim.betas":
+            _check_betas(value, dotted)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_range(value, RANGES.get(dotted), dotted)
+
+
+def check_range(value: float, rule: Range | None, where: str) -> None:
+    """``value`` (an int or a float field) within ``rule`` (None: any finite value / 64-bit int)."""
+    integer = isinstance(value, int)
+    if integer and not -INT64_LIMIT <= value < INT64_LIMIT:
+        raise ConfigError(f"{where}: expected an integer < 2**63, got {show_value(value)}")
+    if not integer and not math.isfinite(value):
+        expected = rule.words(False) if rule is not None else "a finite number"
+        raise ConfigError(f"{where}: expected {expected}, got {show_value(value)}")
+    if rule is not None and not rule.accepts(value):
+        raise ConfigError(f"{where}: expected {rule.words(integer)}, got {show_value(value)}")
+
+
+def _check_betas(value: list, where: str) -> None:
+    ok = len(value) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and
+                                 math.isfinite(b) and RANGES[where].accepts(b) for b in value)
+    if not ok:
+        raise ConfigError(f"{where}: expected a list of 2 numbers in [0, 1), got {show_value(value)}")
+
+
+def show_value(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` for a one-line message: shortened past ``limit`` characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4300 digits
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

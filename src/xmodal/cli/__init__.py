@@ -3,6 +3,11 @@
 Each sub-command lives in its own module under :mod:`xmodal.cli` and registers itself
 with :func:`command`; user errors (:class:`xmodal.errors.XmodalError`) print one line and
 exit with status 2, never a traceback.
+
+Start-up stays fast: a command module imports only argparse-level things at its top and the
+library inside its ``run()``, and :func:`main` adds the arguments of the one command it runs
+(``xmodal --help`` lists the commands without building their parsers). ``tests/test_cli_fast.py``
+checks that ``--help`` and argument or config errors never import torch.
 """
 from __future__ import annotations
 
@@ -56,20 +61,35 @@ def _load_commands() -> None:
         importlib.import_module(f"{__name__}.{mod}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``xmodal`` parser; ``only``: the commands whose arguments are added (None: all of them;
+    the others still parse, with no arguments of their own)."""
     _load_commands()
     parser = argparse.ArgumentParser(prog="xmodal", description="Cross-modal image-text retrieval.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in _COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
-        cmd.add_arguments(p)
+        if only is None or cmd.name in only:
+            cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
     return parser
 
 
+def _command_named(argv: list[str]) -> str | None:
+    """The command ``argv`` runs (the first word that is not an option), or None."""
+    for word in argv:
+        if word in ("-h", "--help", "--"):
+            return None
+        if not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = _command_named(argv)
+    parser = build_parser(only=[name] if name else [])
     args, extra = parser.parse_known_args(argv)
     # dotted overrides may come after options (``--out RUN optim.lr=1e-3``)
     if hasattr(args, "overrides"):

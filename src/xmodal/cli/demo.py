@@ -16,6 +16,13 @@ def _args(p) -> None:
 @command("demo", help="train and evaluate on the embedded emoji dataset (offline)")
 @arguments(_args)
 def run(args) -> int:
+    from pathlib import Path
+
+    from ..config import load_config
+
+    # the overrides are checked before torch and the demo are imported: a typo answers at once
+    name = "demo_quick.yaml" if args.quick else "demo.yaml"
+    load_config(Path(__file__).resolve().parent.parent / "configs" / "emoji" / name, list(args.overrides))
     from ..demo import run_demo
 
     run_demo(args.out, quick=args.quick, overrides=tuple(args.overrides),

@@ -1,4 +1,8 @@
-"""``xmodal eval RUN [--split test] [--protocol P] [--json]``."""
+"""``xmodal eval RUN [--split test] [--protocol P] [--json] [--report DIR]``.
+
+Imports nothing heavy at module level (torch, numpy, matplotlib come in :func:`run`): building
+the parser for ``xmodal --help`` must stay light.
+"""
 from __future__ import annotations
 
 import json
@@ -54,14 +58,30 @@ def run(args) -> int:
                          rerank_k=rerank_k, first_stage=first,
                          rerank_fusion=cfg.eval.rerank_fusion if args.rerank_fusion is None else args.rerank_fusion)
     metrics = res["metrics"]
-    if args.report:
-        from ..demo import write_run_report
-
-        write_run_report(args.report, run_, data, res, title=f"xmodal eval {args.run} ({split}, {lang})")
     if args.json:
         print(json.dumps(metrics))
     else:
         from ..eval.report import print_metrics
 
         print_metrics(metrics, title=f"{args.run}  split={split}  lang={lang}  ({res['seconds']:.1f} s)")
+    if args.report:
+        _write_report(args, run_, data, res, split=split, lang=lang, protocol=args.protocol or cfg.eval.protocol)
     return 0
+
+
+def _write_report(args, run_, data, res, *, split: str, lang: str, protocol: str) -> None:
+    """The report folder (run summary, curves, metrics, examples); its files are named on stderr,
+    so that stdout stays the table or the one JSON line."""
+    from ..demo import write_run_report
+
+    extra = {"split": split, "caption language": lang, "protocol": protocol, "checkpoint asked for": args.checkpoint,
+             "evaluation seconds": f"{res['seconds']:.1f}"}
+    if args.rerank_k or args.first_stage:
+        extra["re-ranking"] = {"rerank_k": args.rerank_k, "first stage": args.first_stage,
+                               "fusion": args.rerank_fusion}
+    files = write_run_report(args.report, run_, data, res, title=f"xmodal eval {args.run} ({split}, {lang})",
+                             extra=extra, protocol=protocol)
+    print(f"report: {files['html']}", file=sys.stderr)
+    for key in ("metrics", "training_curves", "recall_curve", "queries"):
+        if key in files:
+            print(f"        {files[key]}", file=sys.stderr)

@@ -5,6 +5,10 @@
 
 ``MAP`` is a ``.npy`` 1-D integer array (the image of each text) or a ``.json`` list whose
 entries are an image index or a list of image indices (one entry per text).
+
+The table is ``xmodal eval``'s (:func:`xmodal.eval.report.print_metrics`). Nothing heavy is
+imported at module level or while building the parser (numpy, torch and the metrics engine come
+in the functions that use them), so ``xmodal --help`` stays light.
 """
 from __future__ import annotations
 
@@ -13,15 +17,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import DataError, where
 from . import arguments, command
 
 
-def _args(p: argparse.ArgumentParser) -> None:
-    from ..eval.metrics import DEFAULT_BLOCK_SIZE
+#: ``xmodal.eval.metrics.DEFAULT_BLOCK_SIZE``, repeated so that building the parser imports no torch
+#: (a test checks that the two agree)
+DEFAULT_BLOCK_SIZE = 1024
 
+
+def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", metavar="IMAGES.npy", help="image embeddings, N x D float array")
     p.add_argument("texts", metavar="TEXTS.npy", help="text embeddings, M x D float array")
     p.add_argument("--text-to-image", "-m", dest="text_to_image", metavar="MAP", required=True,
@@ -40,8 +45,10 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def load_npy(path: str | Path, what: str) -> np.ndarray:
+def load_npy(path: str | Path, what: str) -> Any:
     """Memory-map a ``.npy`` file without pickles; errors name the file."""
+    import numpy as np
+
     path = Path(path)
     if not path.is_file():
         raise DataError(where(path) + f"{what}: no such file")
@@ -67,6 +74,8 @@ def load_npy(path: str | Path, what: str) -> np.ndarray:
 
 def load_text_to_image(path: str | Path) -> Any:
     """Read MAP: ``.npy`` (1-D ints) or ``.json`` (list of ints / lists of ints)."""
+    import numpy as np
+
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npy":
@@ -86,25 +95,14 @@ def load_text_to_image(path: str | Path) -> Any:
             raise DataError(where(path, exc.lineno) + f"invalid JSON: {exc.msg}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(where(path) + f"cannot read text-to-image map: {_one_line(exc)}") from None
+        except (ValueError, RecursionError) as exc:  # a number over 4300 digits, nesting too deep
+            from ..data.table import json_failure_reason
+
+            raise DataError(where(path) + f"invalid JSON: {json_failure_reason(exc)}") from None
         if not isinstance(data, list):
             raise DataError(where(path) + "text-to-image map must be a JSON list (one entry per text)")
         return data
     raise DataError(where(path) + "text-to-image map must be a .npy or .json file")
-
-
-def _table(metrics: dict[str, float], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("direction")
-    for col in ("R@1", "R@5", "R@10", "medR", "meanR"):
-        table.add_column(col, justify="right")
-    for name, prefix in (("image -> text", "i2t"), ("text -> image", "t2i")):
-        table.add_row(name, *(f"{metrics[f'{prefix}_{k}']:.2f}" for k in ("r1", "r5", "r10")),
-                      f"{metrics[f'{prefix}_medr']:.1f}", f"{metrics[f'{prefix}_meanr']:.2f}")
-    table.caption = f"rsum {metrics['rsum']:.2f}"
-    Console().print(table)
 
 
 @command("evaluate-embeddings", help="Exact Recall@K / medR / meanR / rsum of saved image and text embeddings.")
@@ -126,5 +124,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         n, m = images.shape[0], texts.shape[0]
         folds = f", mean of {len(result.subsets)} subsets" if len(result.subsets) > 1 else ""
-        _table(metrics, f"{args.protocol}: {n} images x {m} texts{folds}")
+        from ..eval.report import print_metrics
+
+        print_metrics(metrics, title=f"{args.protocol}: {n} images x {m} texts{folds}")
     return 0

@@ -6,10 +6,7 @@ the one feature folder (see docs/distributed.md).
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
-
-import yaml
 
 from . import arguments, command
 from ..errors import ConfigError
@@ -19,6 +16,8 @@ _SHOWN_SKIPS = 20
 
 def _key_values(pairs: list[str], flag: str) -> dict:
     """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``; values are read as YAML scalars."""
+    import yaml
+
     out = {}
     for item in pairs:
         key, sep, raw = item.partition("=")
@@ -35,6 +34,8 @@ def _key_values(pairs: list[str], flag: str) -> dict:
 
 
 def _make_tower(name: str, kwargs: dict):
+    import inspect
+
     from ..models.base import IMAGE_TOWERS
     from ..models import image as _image  # noqa: F401  (registers the image towers)
 
@@ -80,15 +81,18 @@ def _args(p: argparse.ArgumentParser) -> None:
 @command("extract", help="Extract image features with a frozen tower into a resumable feature folder.")
 @arguments(_args)
 def run(args: argparse.Namespace) -> int:
+    # the arguments first, then the dataset (cheap), then torch, the tower and the extraction
+    data_kwargs = _key_values(args.data_arg, "--data-arg")
+    tower_kwargs = _key_values(args.tower_arg, "--tower-arg")
+    if args.image_size is not None:
+        tower_kwargs["image_size"] = args.image_size
     from ..data.base import load_dataset
+
+    dataset = load_dataset(args.format, args.path, args.split, **data_kwargs)
     from ..data.images import DEFAULT_MAX_PIXELS
     from ..data.features import extract_features, extract_features_sharded
     from ..distributed import env_from_environ, session
 
-    dataset = load_dataset(args.format, args.path, args.split, **_key_values(args.data_arg, "--data-arg"))
-    tower_kwargs = _key_values(args.tower_arg, "--tower-arg")
-    if args.image_size is not None:
-        tower_kwargs["image_size"] = args.image_size
     tower = _make_tower(args.tower, tower_kwargs)
     spec = {"name": args.tower, **tower_kwargs}
     if isinstance(getattr(tower, "image_size", None), int):

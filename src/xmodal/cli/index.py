@@ -34,6 +34,14 @@ def _args(p) -> None:
 @command("index", help="encode a collection with a trained run into a searchable index folder")
 @arguments(_args)
 def run(args) -> int:
+    from pathlib import Path
+
+    from ..errors import XmodalError, where
+
+    if not Path(args.run).exists():  # before torch is imported
+        raise XmodalError(f"{where(args.run)}no such folder")
+    if args.batch_size < 1:
+        raise XmodalError(f"--batch-size {args.batch_size}: must be a positive integer")
     from ..index.build import build_index
     from ..distributed import env_from_environ, session
 

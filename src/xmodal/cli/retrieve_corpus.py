@@ -26,14 +26,15 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..errors import where, XmodalError
-    from ..index import Index
-    from ..search import check_k, retrieve_corpus
-    from ..index.build import load_index_run
 
+    # the arguments first, before torch is imported
     if not Path(args.corpus).is_file():
         raise XmodalError(f"{where(args.corpus)}no such corpus file")
     if args.batch_size < 1:
         raise XmodalError(f"--batch-size {args.batch_size}: must be a positive integer")
+    from ..index import Index
+    from ..search import check_k, retrieve_corpus
+    from ..index.build import load_index_run
     index = Index.open(args.index)
     check_k(args.k, index)
     if index.modality != "image":

@@ -27,11 +27,33 @@ def rerank_arguments(p) -> None:
                    help="order by pair score + W x index score (default: the --rerank run's eval.rerank_fusion)")
 
 
-def _label(rec: dict) -> str:
-    for key in ("path", "caption", "image_id", "text_id"):
-        if rec.get(key):
-            return str(rec[key])
-    return ""
+def _file(rec: dict) -> str:
+    """The result's image file, when it has a real one (the emoji dataset's paths are virtual)."""
+    from ..index.build import EMOJI_MARK
+
+    path = rec.get("path")
+    return str(path) if isinstance(path, str) and path and EMOJI_MARK not in path else ""
+
+
+def _print_table(title: str, results: list[dict]) -> None:
+    """rank, score, id, caption / name (and the image file, for rows that have one)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..search.query import result_label
+
+    files = [_file(rec) for rec in results]
+    table = Table(title=title)
+    table.add_column("rank", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("id", overflow="fold")
+    table.add_column("caption / name", overflow="fold")
+    if any(files):
+        table.add_column("file", overflow="fold")
+    for rec, file in zip(results, files):
+        row = [str(rec["rank"]), f"{rec['score']:.4f}", str(rec["id"]), rec.get("label") or result_label(rec)]
+        table.add_row(*(row + [file] if any(files) else row))
+    Console().print(table)
 
 
 @command("search", help="search an index with a text (or --image) query")
@@ -76,15 +98,5 @@ def run(args) -> int:
         print(json.dumps({"query": query, "query_modality": query_modality, "index": str(index.path),
                           "index_modality": index.modality, "results": results}, ensure_ascii=False))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{index.path}: {args.image or args.query!r}")
-    table.add_column("rank", justify="right")
-    table.add_column("score", justify="right")
-    table.add_column("id")
-    table.add_column("path / caption", overflow="fold")
-    for rec in results:
-        table.add_row(str(rec["rank"]), f"{rec['score']:.4f}", str(rec["id"]), _label(rec))
-    Console().print(table)
+    _print_table(f"{index.path}: {args.image or args.query!r}", results)
     return 0

@@ -1,4 +1,4 @@
-"""``xmodal serve INDEX [--host 127.0.0.1] [--port 8000] [--text-index CAPTIONS.idx]``."""
+"""``xmodal serve INDEX [--host 127.0.0.1] [--port 8000] [--text-index CAPTIONS.idx] [--read-timeout 15]``."""
 from __future__ import annotations
 
 import logging
@@ -20,17 +20,24 @@ def _args(p) -> None:
     rerank_arguments(p)
     p.add_argument("--image-root", default=None,
                    help="folder thumbnails may be read from (default: the folder all indexed images share)")
+    p.add_argument("--read-timeout", type=float, default=None, metavar="SECONDS",
+                   help="longest wait for a request's headers, or for the next part of an upload, before the "
+                        "server answers 408 and closes the connection (default 15)")
 
 
 @command("serve", help="serve an index over HTTP: a search API and a web page")
 @arguments(_args)
 def run(args) -> int:
     from ..errors import XmodalError
-    from ..serve.app import create_app, is_loopback, load_service, require_server_packages
+    from ..serve.app import (READ_TIMEOUT, create_app, is_loopback, load_service, require_server_packages,
+                             server_config)
 
     require_server_packages()  # before loading any model: say which extra is missing
     if not 0 <= args.port <= 65535:
         raise XmodalError(f"--port {args.port}: must be between 0 and 65535")
+    read_timeout = READ_TIMEOUT if args.read_timeout is None else args.read_timeout
+    if not 0 < read_timeout <= 3600:  # also refuses nan
+        raise XmodalError(f"--read-timeout {args.read_timeout}: must be more than 0 and at most 3600 seconds")
     if not is_loopback(args.host):
         print(f"warning: binding to {args.host}, not a loopback address: anyone who can reach this machine "
               "can query the index and see its images (there is no authentication)", file=sys.stderr)
@@ -39,7 +46,7 @@ def run(args) -> int:
         service = load_service(args.index, args.text_index, run=args.run, image_root=args.image_root,
                                rerank=args.rerank, rerank_k=args.rerank_k,
                                rerank_fusion=args.rerank_fusion)
-        app = create_app(service)
+        app = create_app(service, read_timeout=read_timeout)
     except BaseException:
         sock.close()
         raise
@@ -49,7 +56,7 @@ def run(args) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {service.index.path} ({len(service.index)} images) on http://{host}:{port}/ "
           "(Ctrl-C to stop)", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level="info" if args.verbose else "warning", access_log=bool(args.verbose))
+    config = server_config(app, log_level="info" if args.verbose else "warning", access_log=bool(args.verbose))
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

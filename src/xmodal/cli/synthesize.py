@@ -30,8 +30,10 @@ def _args(p) -> None:
 @command("synthesize", help="draw an image from a caption or image with a trained synthesis model")
 @arguments(_args)
 def run(args) -> int:
-    from ..errors import XmodalError
+    from ..errors import XmodalError, where
 
+    if not Path(args.syn).exists():  # before torch is imported
+        raise XmodalError(f"{where(args.syn)}no such folder")
     if args.evaluate:
         from ..synthesis.evaluate import evaluate_synthesis
 

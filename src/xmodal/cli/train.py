@@ -2,6 +2,9 @@
 
 Several processes: ``torchrun --nproc-per-node N -m xmodal train CONFIG --out RUN``
 (see docs/distributed.md); ``train.batch_size`` stays the global batch.
+
+Only argparse-level imports at module level: the config is read and checked before the trainer
+(torch) is imported, and the trainer checks the data before it loads a model or extracts features.
 """
 from __future__ import annotations
 
@@ -21,13 +24,14 @@ def _args(p) -> None:
 @command("train", help="train a model from a config")
 @arguments(_args)
 def run(args) -> int:
+    from ..config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors answer before torch is imported
     from rich.console import Console
 
-    from ..config import load_config
     from ..distributed import env_from_environ
     from ..train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
     console = Console(stderr=True)
     summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty(),
                     console=console)

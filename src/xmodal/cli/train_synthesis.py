@@ -37,6 +37,10 @@ def _args(p) -> None:
 @command("train-synthesis", help="train a conditional image generator on a run's embeddings (X-MRS)")
 @arguments(_args)
 def run(args) -> int:
+    from ..errors import XmodalError, where
+
+    if not Path(args.run).exists():  # before torch is imported
+        raise XmodalError(f"{where(args.run)}no such folder")
     from rich.console import Console
 
     from ..synthesis.train import SynthesisConfig, train_synthesis

@@ -332,11 +332,17 @@ Reader = Callable[..., CrossModalDataset]
 DATASETS: Registry[CrossModalDataset] = Registry("dataset format")
 
 
+#: names a format's reader resolves to a dataset shipped with the package, not to a file:
+#: ``load_dataset("emoji", "emoji", split)`` reads the embedded emoji data (unless a file or
+#: folder of that name is in the working directory, which the reader then reads)
+PACKAGED_NAMES: dict[str, tuple[str, ...]] = {"emoji": ("emoji",)}
+
+
 def load_dataset(fmt: str, path: str | Path, split: str, **options) -> CrossModalDataset:
     """Read one split of a dataset in the named format (readers register when
     :mod:`xmodal.data` is imported, which importing this module does first)."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and str(path) not in PACKAGED_NAMES.get(fmt, ()):
         raise DataError(f"{path}: no such file or folder")
     return DATASETS.create(fmt, path, split, **options)
 

@@ -41,6 +41,7 @@ from .images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
 from ..progress import RateColumn, make_progress
 from ..errors import ConfigError, DataError, XmodalError, where
 from ..models.base import ImageTower
+from ..utils import cache_dir
 
 try:  # advisory lock against two extractions writing one folder; POSIX only
     import fcntl
@@ -106,11 +107,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def default_cache_root() -> Path:
-    """``$XMODAL_CACHE/features``, else ``$XDG_CACHE_HOME/xmodal/features``, else ``~/.cache/xmodal/features``."""
-    if os.environ.get("XMODAL_CACHE"):
-        return Path(os.environ["XMODAL_CACHE"]).expanduser() / "features"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "xmodal" / "features"
+    """``$XMODAL_CACHE/features``, else ``$XDG_CACHE_HOME/xmodal/features``, else ``~/.cache/xmodal/features``
+    (:func:`xmodal.utils.cache_dir`, the root the trainer's caches use too)."""
+    return cache_dir() / "features"
 
 
 def _describe_tower(tower: ImageTower) -> dict:

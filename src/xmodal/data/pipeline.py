@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from .base import CrossModalDataset, load_dataset
 from ..errors import ConfigError, DataError
 from ..models.base import TowerOutput
+from ..utils import cache_dir
 from .inputs import CachedOutputs, FeatureRows, FieldTexts, GroupedGroundTruth, PixelImages, RawTexts
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,9 @@ class SplitInputs:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("XMODAL_CACHE", Path.home() / ".cache" / "xmodal"))
+    """The frozen-tower caches' root (``features/``, ``text/``): :func:`xmodal.utils.cache_dir`,
+    i.e. ``$XMODAL_CACHE``, else ``$XDG_CACHE_HOME/xmodal``, else ``~/.cache/xmodal``."""
+    return cache_dir()
 
 
 def resolve_data_path(fmt: str, path: str) -> str:
@@ -101,6 +103,42 @@ def _sample_lang(cfg) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"data.train_options.sample_lang: expected true/false, got {value!r}")
     return value
+
+
+def _grouped(cfg, ds: CrossModalDataset) -> CrossModalDataset:
+    """``ds`` whose ground truth knows the versions of each sample (``sample_lang``)."""
+    weights = cfg.data.train_options.get("lang_weights")
+    if weights is not None and not isinstance(weights, dict):
+        raise ConfigError(f"data.train_options.lang_weights: expected a mapping such as {{en: 4}}, got {weights!r}")
+    try:
+        return replace(ds, gt=GroupedGroundTruth.of(ds.gt, ds.langs, weights))
+    except DataError as exc:
+        raise ConfigError(f"data.train_options.lang_weights: {exc}") from None
+
+
+def training_samples(cfg, ds: CrossModalDataset) -> tuple[int, str]:
+    """``(count, unit)``: how many samples a training epoch of ``ds`` draws batches from
+    (:class:`.inputs.BatchOrder`): texts with an image, or text groups with ``sample_lang``."""
+    if _sample_lang(cfg):
+        return len(_grouped(cfg, ds).gt.groups.first_text()), "samples (text groups)"
+    return int(np.count_nonzero(ds.gt.counts() > 0)), "texts"
+
+
+def check_image_files(ds: CrossModalDataset) -> None:
+    """Refuse a split whose image files are all missing (a wrong path or ``image_root``) before
+    any extraction: it would read every one of them to skip them all. Splits with feature rows or
+    packaged pixels, and splits where only some files are missing (skipped and reported by the
+    extraction, or ``data.on_bad_image=fail``), pass."""
+    paths = ds.image_paths
+    if paths is None or ds.image_features is not None or ds.meta.get("pixels") is not None \
+            or any(p is None for p in paths):
+        return
+    if not ds.num_images or any(ds.image_path(i).exists() for i in range(ds.num_images)):
+        return
+    hint = "the table's folder" if ds.meta.get("format") == "table" else "the dataset"
+    raise DataError(f"{ds.name}/{ds.split}: none of its {ds.num_images} image files exists (first: "
+                    f"{ds.image_path(0)}); image paths are relative to {hint} unless absolute, or to "
+                    "data.options.image_root if the format takes one")
 
 
 def _tower_spec(tcfg, tower=None) -> dict:
@@ -210,20 +248,18 @@ def head_inputs(cfg, model) -> tuple[str, str]:
 
 
 def prepare_split(cfg, model, split: str, lang: str | None, *, training: bool = False,
-                  progress: bool = True) -> SplitInputs:
-    """Load a split and build the inputs the model consumes for it."""
-    ds = load_split(cfg, split, lang, training=training)
+                  progress: bool = True, dataset: CrossModalDataset | None = None) -> SplitInputs:
+    """Load a split and build the inputs the model consumes for it.
+
+    ``dataset``: the split as :func:`load_split` already read it (``load_split(cfg, split, lang,
+    training)``), e.g. by the checks a command runs before any extraction; else it is read here.
+    """
+    ds = dataset if dataset is not None else load_split(cfg, split, lang, training=training)
     img_in, txt_in = head_inputs(cfg, model)
     ds, images = image_inputs(cfg, model, ds, img_in, progress)
     if training and _sample_lang(cfg):
         # after image_inputs: dropping unreadable images rebuilds gt, which would lose the groups
-        weights = cfg.data.train_options.get("lang_weights")
-        if weights is not None and not isinstance(weights, dict):
-            raise ConfigError(f"data.train_options.lang_weights: expected a mapping such as {{en: 4}}, got {weights!r}")
-        try:
-            ds = replace(ds, gt=GroupedGroundTruth.of(ds.gt, ds.langs, weights))
-        except DataError as exc:
-            raise ConfigError(f"data.train_options.lang_weights: {exc}") from None
+        ds = _grouped(cfg, ds)
         groups = ds.gt.groups
         log.info("%s/%s: %d samples with versions in %d languages", ds.name, ds.split, groups.num_groups,
                  len(groups.languages))

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 _OPTIONS = ("caps_per_image",)
 _MAX_REPEAT = 100  # longest run of identical leading rows taken as "one image repeated"
+#: Bytes of the memory map checked for NaN / inf at a time (the file is never loaded whole).
+SCAN_BYTES = 64 << 20
 
 
 def _split_file(folder: Path, split: str, suffix: str) -> Path:
@@ -87,7 +89,30 @@ def _load_features(path: Path) -> np.ndarray:
     if feats.ndim not in (2, 3) or feats.dtype.kind not in "fiu":
         raise DataError(f"{path}: expected numeric features of shape (N, D) or (N, R, D), "
                         f"got {feats.dtype} {feats.shape}")
+    if 0 in feats.shape[1:]:
+        raise DataError(f"{path}: features of shape {feats.shape} are empty (every image needs at least "
+                        "one value)")
     return feats
+
+
+def _check_finite(feats: np.ndarray, path: Path) -> None:
+    """Refuse NaN / inf features, naming the file and the row.
+
+    Runs before the layout is inferred (NaN rows would not compare equal to their repeats).
+    Reads the memory map in chunks of :data:`SCAN_BYTES`:
+    one pass over the file, at memory speed when it is in the page cache (about 1 GB in
+    0.1 s here), bounded memory whatever its size. Integer features are always finite.
+    """
+    if feats.dtype.kind != "f" or len(feats) == 0:
+        return
+    step = max(1, SCAN_BYTES // max(1, feats[0].nbytes))
+    for start in range(0, len(feats), step):
+        chunk = np.asarray(feats[start:start + step])
+        ok = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)  # (rows,)
+        if not ok.all():
+            row = start + int(np.flatnonzero(~ok)[0])
+            raise DataError(f"{where(path)}row {row} has NaN or infinite values; precomputed image "
+                            "features must be finite")
 
 
 def _leading_run(feats: np.ndarray, start: int, limit: int) -> int:
@@ -167,6 +192,7 @@ def read(path: str | Path, split: str, *, caps_per_image: int | None = None,
     name = _resolve_split(folder, split)
     ims, caps = _split_file(folder, name, "_ims.npy"), _split_file(folder, name, "_caps.txt")
     feats = _load_features(ims)
+    _check_finite(feats, ims)
     captions = _read_lines(caps, "caption")
     k, stride = _infer_layout(feats, len(captions), caps_per_image, ims, caps)
     if stride > 1:

@@ -68,13 +68,39 @@ def read_json(path: Path) -> Any:
     """Parse a JSON file; syntax errors name the file and line."""
     try:
         with open(path, "rb") as f:
-            return json.load(f)
+            return parse_json(f.read(), path)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+
+
+def parse_json(text: str | bytes, path: Path, line: int | None = None) -> Any:
+    """``json.loads`` whose every failure is a :class:`DataError` naming ``path`` (and the line).
+
+    ``line``: the file line ``text`` starts on (one JSON Lines record), else the error's own
+    line is used. Besides syntax errors this catches what ``json`` raises as other types:
+    integers longer than Python's 4300-digit limit (``ValueError``), nesting deeper than the
+    recursion limit (``RecursionError``) and bytes that are not UTF-8.
+    """
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{where(path, exc.lineno)}invalid JSON: {exc.msg} (column {exc.colno})") from None
+        at = line if line is not None else exc.lineno
+        col = exc.colno if line is None or exc.lineno == 1 else None
+        raise DataError(f"{where(path, at)}invalid JSON: {exc.msg}"
+                        + (f" (column {col})" if col is not None else "")) from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise DataError(f"{where(path, line)}not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{where(path, line)}invalid JSON: {json_failure_reason(exc)}") from None
+
+
+def json_failure_reason(exc: BaseException) -> str:
+    """A short reason for what ``json.loads`` raises besides ``JSONDecodeError``."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if "digits" in str(exc):  # Python's int_max_str_digits guard
+        return "a number has more than 4300 digits"
+    return " ".join(str(exc).split())
 
 
 @contextmanager
@@ -140,9 +166,12 @@ def read_table_file(path: Path) -> TableFile:
 
 def _read_delimited(path: Path, delimiter: str) -> TableFile:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    start = 1  # the line the row being read starts on
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter=delimiter)
+            # strict: a stray quote or a quoted field still open at the end of the file is an
+            # error (the default parser silently glues the rest of the file into one cell)
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
             try:
                 header = next(reader)
             except StopIteration:
@@ -168,7 +197,8 @@ def _read_delimited(path: Path, delimiter: str) -> TableFile:
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except csv.Error as exc:
-        raise DataError(f"{where(path, reader.line_num)}malformed CSV: {exc}") from None
+        end = f" (row ends on line {reader.line_num})" if reader.line_num > start else ""
+        raise DataError(f"{where(path, start)}malformed CSV: {exc}{end}") from None
     return TableFile(path, dict(zip(header, cols)), lines)
 
 
@@ -180,10 +210,7 @@ def _read_jsonl(path: Path) -> TableFile:
             for lineno, text in enumerate(f, 1):
                 if not text.strip():
                     continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where(path, lineno)}invalid JSON: {exc.msg} (column {exc.colno})") from None
+                obj = parse_json(text.rstrip("\r\n"), path, lineno)
                 if not isinstance(obj, dict):
                     raise DataError(f"{where(path, lineno)}expected a JSON object, got {type(obj).__name__}")
                 records.append(obj)

@@ -25,12 +25,13 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
 from ..errors import DataError, where
 from .base import CrossModalDataset, GroundTruth
+from .table import json_failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -99,35 +100,53 @@ def read_translations(path: str | Path) -> list[TranslationRow]:
         raise DataError(f"{path}: translations must be UTF-8 text ({exc})") from None
     rows: list[TranslationRow] = []
     if path.suffix == ".jsonl":
-        for line, raw in enumerate(text.splitlines(), start=1):
+        # split on "\n" only: str.splitlines would also break inside texts at U+2028, U+0085,
+        # form feeds..., which JSON (and write_translations) leave unescaped
+        for line, raw in enumerate(text.split("\n"), start=1):
             if not raw.strip():
                 continue
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where(path, line)}not a JSON object ({exc.msg})") from None
+            except (ValueError, RecursionError) as exc:  # e.g. a 5000-digit number, deep nesting
+                raise DataError(f"{where(path, line)}not a JSON object ({json_failure_reason(exc)})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where(path, line)}expected a JSON object with id, lang, text")
             rows.append(_row(obj, path, line))
     else:
         # newline="" keeps line breaks inside quoted cells (multi-line ingredient lists)
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path}: empty translations file (expected a header: id, lang, text)")
-        header = [h.strip() for h in header]
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise DataError(f"{where(path, 1)}header lacks {', '.join(missing)}; expected columns id, lang, text "
-                            f"(and optionally field), got {', '.join(header)}")
-        for values in reader:
-            line = reader.line_num  # the file line where this row ends
-            if not values or not any(v.strip() for v in values):
-                continue
-            if len(values) != len(header):
-                raise DataError(f"{where(path, line)}{len(values)} columns, the header has {len(header)} "
-                                "(quote texts that contain the delimiter)")
-            rows.append(_row(dict(zip(header, values)), path, line))
+        # strict: a stray quote or an unterminated quoted text is an error, not glued text
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",",
+                            strict=True)
+        try:
+            return _csv_rows(reader, path)
+        except csv.Error as exc:
+            raise DataError(f"{where(path, reader.line_num)}malformed CSV: {exc}") from None
+    if not rows:
+        raise DataError(f"{path}: no translations")
+    return rows
+
+
+def _csv_rows(reader: Any, path: Path) -> list[TranslationRow]:
+    """The rows of a CSV / TSV translations file (header first)."""
+    header = next(reader, None)
+    if header is None:
+        raise DataError(f"{path}: empty translations file (expected a header: id, lang, text)")
+    header = [h.strip() for h in header]
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise DataError(f"{where(path, 1)}header lacks {', '.join(missing)}; expected columns id, lang, text "
+                        f"(and optionally field), got {', '.join(header)}")
+    rows: list[TranslationRow] = []
+    for values in reader:
+        line = reader.line_num  # the file line where this row ends
+        if not values or not any(v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            raise DataError(f"{where(path, line)}{len(values)} columns, the header has {len(header)} "
+                            "(quote texts that contain the delimiter)")
+        rows.append(_row(dict(zip(header, values)), path, line))
     if not rows:
         raise DataError(f"{path}: no translations")
     return rows

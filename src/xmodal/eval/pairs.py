@@ -208,11 +208,16 @@ def _as_float_tensor(x: Any, name: str) -> torch.Tensor:
 
     check_embeddings(x, name)
     t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-    return t.float().contiguous()
+    t = t.float().contiguous()
+    bad = ~torch.isfinite(t).all(1)
+    if bool(bad.any()):  # finite float64 values beyond float32's range
+        raise DataError(f"{name}: row {int(torch.nonzero(bad)[0])} overflows float32 (values too large)")
+    return t
 
 
 def shortlist(queries: torch.Tensor, candidates: torch.Tensor, rel: GroundTruth, k: int, *,
-              block_size: int = 1024) -> dict[str, torch.Tensor]:
+              block_size: int = 1024,
+              names: tuple[str, str] = ("queries", "candidates")) -> dict[str, torch.Tensor]:
     """First-stage shortlists of every query, computed over query blocks.
 
     ``rel`` maps queries to their positive candidates (CSR, ``rel.num_images`` = number of
@@ -220,8 +225,13 @@ def shortlist(queries: torch.Tensor, candidates: torch.Tensor, rel: GroundTruth,
     ``pos`` (Q, k) whether each is a positive, ``thr`` (Q,) best positive first-stage score
     (-inf without positives) and ``rank`` (Q,) the first-stage rank (candidates scoring
     strictly above ``thr``; only computed, and only needed, for queries without a positive
-    in their shortlist, else -1). Memory: one ``block_size x candidates`` score block.
+    in their shortlist, else -1). Memory: one ``block_size x candidates`` score block. A
+    non-finite score (inputs so large the product overflows) is a :class:`DataError` naming
+    both rows by ``names``.
     """
+    from .metrics import pair_label, score_checker
+
+    check = score_checker(queries, candidates, lambda r, c_: pair_label((names[0], None), r, (names[1], None), c_))
     q, c = queries.shape[0], candidates.shape[0]
     k = min(int(k), c)
     out = {"idx": torch.empty(q, k, dtype=torch.long), "vals": torch.empty(q, k),
@@ -230,6 +240,8 @@ def shortlist(queries: torch.Tensor, candidates: torch.Tensor, rel: GroundTruth,
     for a in range(0, q, block_size):
         b = min(q, a + block_size)
         s = queries[a:b] @ candidates.T  # (bq, C)
+        if check is not None:
+            check(s, a)
         lo, hi = int(rel.indptr[a]), int(rel.indptr[b])
         rows = torch.from_numpy(np.repeat(np.arange(b - a), np.diff(rel.indptr[a:b + 1]))).to(s.device)
         cols = torch.from_numpy(rel.indices[lo:hi]).to(s.device)
@@ -282,8 +294,9 @@ def two_stage_ranks(first_img_emb: Any, first_txt_emb: Any, rescore_fn: RescoreF
     if gt.num_images != n or gt.num_texts != m:
         raise DataError(f"ground truth is {gt.num_texts} texts x {gt.num_images} images, first-stage "
                         f"embeddings are {m} texts x {n} images")
-    i2t = shortlist(img, txt, gt.transpose(), k, block_size=block_size)  # images -> texts
-    t2i = shortlist(txt, img, gt, k, block_size=block_size)  # texts -> images
+    names = ("first-stage image embeddings", "first-stage text embeddings")
+    i2t = shortlist(img, txt, gt.transpose(), k, block_size=block_size, names=names)  # images -> texts
+    t2i = shortlist(txt, img, gt, k, block_size=block_size, names=names[::-1])  # texts -> images
     keys_i2t = torch.arange(n)[:, None] * m + i2t["idx"]  # (N, k1) pair key image * M + text
     keys_t2i = t2i["idx"] * m + torch.arange(m)[:, None]  # (M, k2)
     keys, inverse = torch.unique(torch.cat([keys_i2t.ravel(), keys_t2i.ravel()]), return_inverse=True)
@@ -308,6 +321,9 @@ def two_stage_ranks(first_img_emb: Any, first_txt_emb: Any, rescore_fn: RescoreF
     if fusion:
         r_i2t = fuse_scores(r_i2t, i2t["vals"], fusion)
         r_t2i = fuse_scores(r_t2i, t2i["vals"], fusion)
+        if not (bool(torch.isfinite(r_i2t).all()) and bool(torch.isfinite(r_t2i).all())):
+            raise DataError(f"fused scores (pair score + {fusion:g} x first-stage score) are not finite: "
+                            "the scores or the fusion weight are too large")
     return {"i2t_ranks": _final_ranks(i2t, r_i2t), "t2i_ranks": _final_ranks(t2i, r_t2i),
             "pairs_scored": int(len(keys))}
 

@@ -162,6 +162,7 @@ def evaluate_protocol(image_emb: Any, text_emb: Any, text_to_images: Any, protoc
     img, txt, gt = prepare_inputs(image_emb, text_emb, text_to_images, device=device, dtype=dtype, **kwargs)
     subsets = protocol_subsets(protocol, gt, seed=seed)
     per_subset = []
+    sides = tuple(names[:2]) if names else ("image embeddings", "text embeddings")
     for sub in subsets:
         if sub.images is None and sub.texts is None:
             i_sub, t_sub, g_sub = img, txt, gt
@@ -173,7 +174,8 @@ def evaluate_protocol(image_emb: Any, text_emb: Any, text_to_images: Any, protoc
             g_sub = gt.subset(texts, images)
         if g_sub.nnz == 0:
             raise DataError(f"protocol {protocol}: subset {sub.name} has no positive pair")
-        i2t, t2i = ranks_prepared(i_sub, t_sub, g_sub, block_size, progress)
+        i2t, t2i = ranks_prepared(i_sub, t_sub, g_sub, block_size, progress, names=sides,
+                                  rows_of=(sub.images, sub.texts))
         metrics = metrics_from_ranks(i2t, t2i)
         log.debug("protocol %s %s (%d images, %d texts): %s", protocol, sub.name,
                   g_sub.num_images, g_sub.num_texts, metrics)

@@ -12,7 +12,6 @@ Only a model's ``encode_image`` / ``encode_text`` are used, so any :class:`Embed
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import time
@@ -25,7 +24,7 @@ import torch
 
 from ..errors import ConfigError, DataError, XmodalError, where
 from ..models.base import EmbeddingScorer, PairScorer, pixel_tower
-from ..models.run import Run, checkpoint_dir, load
+from ..models.run import Run, checkpoint_dir, load, sha256_file
 from ..progress import track
 from .exact import list_backends
 from .store import Index
@@ -38,14 +37,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 # ---------------------------------------------------------------------------------------------
 # model reference
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_ref(run: str | os.PathLike, checkpoint: str = "best") -> dict[str, Any]:
@@ -62,7 +53,7 @@ def model_ref(run: str | os.PathLike, checkpoint: str = "best") -> dict[str, Any
         raise XmodalError(f"{where(run)}no {checkpoint!r} checkpoint with model.safetensors and "
                           "config.yaml (is this an xmodal run folder?)")
     return {"run": str(run), "checkpoint": checkpoint if checkpoint == "best" else str(ck.resolve()),
-            "config_hash": _sha256_file(config), "weights_sha256": _sha256_file(weights)}
+            "config_hash": sha256_file(config), "weights_sha256": sha256_file(weights)}
 
 
 def same_model(a: dict[str, Any] | None, b: dict[str, Any]) -> str | None:
@@ -218,21 +209,70 @@ def _encode_dataset(model: Any, cfg: Any, spec: DataSpec, modality: str, lang: s
         n, encode = ds.num_texts, model.encode_text
     if n == 0:
         raise DataError(f"{spec.describe()}: no {modality}s to index")
+    captions = ImageCaptions(ds) if modality == "image" else None
     for idx in track(_batches(n, batch_size), f"encoding {modality}s", total=-(-n // batch_size), enabled=progress):
         vecs = encode(inputs(idx, "cpu")).float()  # (B, D)
-        ids, meta = item_records(ds, idx, modality, base, id_prefix)
+        ids, meta = item_records(ds, idx, modality, base, id_prefix, captions)
         yield vecs, ids, meta
 
 
-def item_records(ds: Any, idx: np.ndarray, modality: str, base: dict, id_prefix: str) -> tuple[list, list]:
-    """Ids and metadata that an index stores for dataset items ``idx`` (images: id and path;
-    captions: id, text and the ids of their images)."""
+#: At most this many captions are stored with each indexed image, each cut to
+#: :data:`MAX_CAPTION_CHARS` characters (with an ellipsis): enough to name it in search results.
+MAX_IMAGE_CAPTIONS = 5
+MAX_CAPTION_CHARS = 200
+
+
+def short_caption(text: str, limit: int = MAX_CAPTION_CHARS) -> str:
+    """``text`` on one line (whitespace runs collapsed), cut to ``limit`` characters with "…"."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+class ImageCaptions:
+    """For each image of a dataset, up to :data:`MAX_IMAGE_CAPTIONS` of its captions: the texts
+    whose ground-truth positives include it, the most specific first (texts with fewer images,
+    then dataset order). For the emoji dataset they are its names (labels) in the indexed
+    language(s). Built once per dataset (one transpose of the ground truth)."""
+
+    def __init__(self, ds: Any, limit: int = MAX_IMAGE_CAPTIONS) -> None:
+        gt = ds.gt
+        t, i = gt.pairs()  # (nnz,) each
+        order = np.lexsort((t, gt.counts()[t], i))  # by image, then fewer positives, then text order
+        self._texts = t[order]
+        self._starts = np.searchsorted(i[order], np.arange(gt.num_images + 1))  # (N + 1,)
+        self._captions = ds.captions
+        self.limit = limit
+
+    def __call__(self, image: int) -> list[str]:
+        lo, hi = int(self._starts[image]), int(self._starts[image + 1])
+        out: list[str] = []
+        for t in self._texts[lo:hi].tolist():
+            cap = short_caption(self._captions[t])
+            if cap and cap not in out:
+                out.append(cap)
+                if len(out) == self.limit:
+                    break
+        return out
+
+
+def item_records(ds: Any, idx: np.ndarray, modality: str, base: dict, id_prefix: str,
+                 captions: ImageCaptions | None = None) -> tuple[list, list]:
+    """Ids and metadata that an index stores for dataset items ``idx`` (images: id, path and
+    ``captions``, see :class:`ImageCaptions`; captions: id, text and the ids of their images).
+
+    ``captions``: the dataset's :class:`ImageCaptions` (pass it when calling batch by batch;
+    built here otherwise)."""
     ids, meta = [], []
+    if modality == "image" and captions is None:
+        captions = ImageCaptions(ds)
     for i in idx.tolist():
         if modality == "image":
             m = {**base, "image_id": ds.image_ids[i]}
             if ds.image_paths is not None:
                 m["path"] = str(ds.image_path(i))
+            caps = captions(i)
+            if caps:
+                m["captions"] = caps
             ids.append(f"{id_prefix}{ds.image_ids[i]}")
         else:
             m = {**base, "text_id": ds.text_ids[i], "caption": ds.captions[i],

@@ -156,6 +156,8 @@ class Backend:
     file: ClassVar[str | None] = None
     defaults: ClassVar[dict[str, Any]] = {}
     search_params: ClassVar[tuple[str, ...]] = ()
+    #: Whether every search scores every vector (then ``min(k, n)`` results always come back).
+    exhaustive: ClassVar[bool] = False
 
     def __init__(self, dim: int, metric: str, args: dict[str, Any] | None = None) -> None:
         if metric not in METRICS:
@@ -214,6 +216,7 @@ class ExactBackend(Backend):
     """Brute force with torch over the memory-mapped vectors; no state of its own."""
 
     name = "exact"
+    exhaustive = True
     defaults = {"block_size": 32768, "query_block": 1024}
     search_params = ("block_size", "query_block")
 

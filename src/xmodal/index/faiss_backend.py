@@ -144,6 +144,7 @@ class FlatBackend(FaissBackend):
     """``IndexFlatIP`` / ``IndexFlatL2``: exact, FAISS's SIMD kernels, vectors held in RAM."""
 
     name = "flat"
+    exhaustive = True
     faiss_class = "IndexFlat"
     defaults: ClassVar[dict[str, Any]] = {}
 

@@ -55,10 +55,11 @@ def _encode_dataset_shard(model: Any, cfg: Any, spec: Any, modality: str, lang: 
         raise DataError(f"{spec.describe()}: no {modality}s to index")
     lo, hi = shard_bounds(n, env, align=batch_size)
     starts = range(lo, hi, batch_size)
+    captions = B.ImageCaptions(ds) if modality == "image" else None  # the same captions as build_index
     for start in track(starts, f"encoding {modality}s", total=len(starts), enabled=progress):
         idx = np.arange(start, min(start + batch_size, hi))
         vecs = encode(inputs(idx, "cpu")).float().numpy()  # (B, D)
-        ids, meta = B.item_records(ds, idx, modality, base, id_prefix)
+        ids, meta = B.item_records(ds, idx, modality, base, id_prefix, captions)
         yield vecs, ids, meta
 
 

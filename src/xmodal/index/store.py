@@ -340,7 +340,28 @@ def _read_ids(path: Path, count: int) -> list[str]:
                 ok = False
             if not ok:
                 raise DataError(f"{where(path, n)}expected a JSON string id, got {line[:80]!r}")
+    if len(set(ids)) != len(ids):  # temporary set: the id -> row dict is only built when needed
+        first: dict[str, int] = {}
+        for n, id_ in enumerate(ids, 1):
+            if id_ in first:
+                raise DataError(f"{where(path, n)}duplicate id {id_!r} (also on line {first[id_]}); "
+                                "ids must be unique")
+            first[id_] = n
     return ids
+
+
+def parse_metadata_line(raw: bytes, path: Path, line: int) -> dict[str, Any]:
+    """One ``metadata.jsonl`` row as a dict; anything else is a :class:`DataError` naming ``path:line``."""
+    from ..data.table import parse_json  # lazily: opening an index imports no dataset readers
+
+    try:
+        text = raw.rstrip(b"\n").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where(path, line)}not UTF-8 ({e.reason} at column {e.start + 1})") from None
+    obj = parse_json(text, path, line)  # its errors name the line (and column)
+    if not isinstance(obj, dict):
+        raise DataError(f"{where(path, line)}expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _line_offsets(path: Path, count: int) -> np.ndarray:
@@ -612,7 +633,7 @@ class Index:
         bad = ~np.isfinite(x).all(axis=1)
         if bad.any():
             r = int(np.flatnonzero(bad)[0])
-            why = " (too large for float16 storage)" if np.isfinite(given[r]).all() else ""
+            why = f" (too large for {self.dtype} storage)" if np.isfinite(given[r]).all() else ""
             raise DataError(f"{where_}: vector {r} (id {_id_repr(ids, r)}) has NaN or infinite values{why}")
         ids = list(ids)
         if len(ids) != n:
@@ -636,7 +657,7 @@ class Index:
                 raise DataError(f"{where_}: metadata {i} is a {type(m).__name__}, expected a dict")
             lines.append(_json_line(m, self.path / METADATA, len(self) + i, "metadata"))
         if self.metric == "ip" and n and not self._warned_norm:
-            norms = np.linalg.norm(x[:1024].astype(np.float32), axis=1)
+            norms = np.linalg.norm(x[:1024].astype(np.float64), axis=1)
             if np.abs(norms - 1).max() > 1e-2:
                 self._warned_norm = True
                 log.warning("%s: vectors are not L2-normalised (norms %.3g..%.3g); inner-product "
@@ -688,13 +709,46 @@ class Index:
                               f"({self.path}; was it built with another model?)")
         if not (np.issubdtype(q.dtype, np.floating) or np.issubdtype(q.dtype, np.integer)):
             raise XmodalError(f"queries must be numeric, got dtype {q.dtype}")
-        q = np.ascontiguousarray(q, dtype=np.float32)
+        with np.errstate(over="ignore"):  # overflow is reported below, by row
+            given, q = q, np.ascontiguousarray(q, dtype=np.float32)
         bad = ~np.isfinite(q).all(axis=1)
         if bad.any():
-            raise XmodalError(f"query {int(np.flatnonzero(bad)[0])} has NaN or infinite values")
+            r = int(np.flatnonzero(bad)[0])
+            why = " (too large for float32)" if np.isfinite(given[r]).all() else ""
+            raise XmodalError(f"query {r} has NaN or infinite values{why}")
         params = self._backend.check_args(params, search=True)
         self._sync_backend()
-        return self._backend.search(q, int(k), self._source, **params)
+        scores, rows = self._backend.search(q, int(k), self._source, **params)
+        self._check_scores(q, scores, rows)
+        return scores, rows
+
+    def _check_scores(self, q: np.ndarray, scores: np.ndarray, rows: np.ndarray) -> None:
+        """Refuse results with a non-finite score (a damaged vector, or a float32 overflow).
+
+        Only the (Q, k) result is inspected: the exact search ranks NaN and +inf first, so what
+        would be shown is what is checked. FAISS drops rows it cannot score instead, which an
+        exhaustive backend (exact, flat) shows as padding before ``min(k, len(index))`` results.
+        """
+        bad = ~np.isfinite(scores) & (rows >= 0)
+        top = min(scores.shape[1], len(self))
+        if self._backend.exhaustive:
+            bad[:, :top] |= rows[:, :top] < 0
+        if not bad.any():
+            return
+        qi, j = (int(v[0]) for v in np.nonzero(bad))
+        r = int(rows[qi, j])
+        damaged = r if r >= 0 and not np.isfinite(self._source.take(np.array([r]))).all() else None
+        if r < 0:  # FAISS dropped a row: find a damaged one by a scan (error path only)
+            damaged = next((s + int(np.flatnonzero(~np.isfinite(b).all(axis=1))[0]) for s, b in
+                            self._source.blocks(_COPY_ROWS) if not np.isfinite(b).all()), None)
+        if damaged is not None:
+            raise DataError(f"{where(self.path / VECTORS)}row {damaged} (id {self._ids[damaged]!r}) has NaN or "
+                            "infinite values; the index is damaged: rebuild it from its source")
+        what = (f"scores row {r} (id {self._ids[r]!r}) {float(scores[qi, j])}, which is not finite" if r >= 0
+                else f"has no finite score for {top - int((rows[qi, :top] >= 0).sum())} of its top {top} rows")
+        qn = float(np.linalg.norm(q[qi].astype(np.float64)))
+        raise XmodalError(f"{self.path}: query {qi} {what}: the {self.metric} score overflows float32 "
+                          f"(query norm {qn:.3g}); normalise the queries and vectors")
 
     def ids_of(self, rows: Any) -> Any:
         """String ids of row numbers (any shape, e.g. the (Q, k) ``ids`` of :meth:`search`); ``-1`` -> None."""
@@ -882,9 +936,9 @@ class Index:
     def _metadata_row(self, r: int) -> dict[str, Any]:
         nc = self._n_committed()
         if r >= nc:
-            return json.loads(self._pending_meta[r - nc])
+            return json.loads(self._pending_meta[r - nc])  # written by add(): always an object
         start, end = int(self._meta_offsets[r]), int(self._meta_offsets[r + 1])
-        return json.loads(os.pread(self._meta_fd, end - start, start).decode("utf-8"))
+        return parse_metadata_line(os.pread(self._meta_fd, end - start, start), self.path / METADATA, r + 1)
 
     def _lookup(self, rows: Any, get: Any) -> Any:
         arr = np.asarray(rows)

@@ -5,8 +5,8 @@ python-multipart, imported only when an app is created.
 """
 from __future__ import annotations
 
-from .app import (MAX_K, MAX_QUERY_CHARS, MAX_UPLOAD_BYTES, ApiError, SearchService, create_app, is_loopback,
-                  load_service, require_server_packages)
+from .app import (MAX_K, MAX_QUERY_CHARS, MAX_UPLOAD_BYTES, READ_TIMEOUT, ApiError, SearchService, create_app,
+                  http_protocol, is_loopback, load_service, require_server_packages, server_config)
 
-__all__ = ["MAX_K", "MAX_QUERY_CHARS", "MAX_UPLOAD_BYTES", "ApiError", "SearchService", "create_app",
-           "is_loopback", "load_service", "require_server_packages"]
+__all__ = ["MAX_K", "MAX_QUERY_CHARS", "MAX_UPLOAD_BYTES", "READ_TIMEOUT", "ApiError", "SearchService", "create_app",
+           "http_protocol", "is_loopback", "load_service", "require_server_packages", "server_config"]

@@ -10,19 +10,27 @@ and the locks that make concurrent requests safe; :func:`create_app` wraps it in
 * ``POST /api/search/image`` an uploaded image (multipart field ``file``, or a raw ``image/*``
   body) -> images, and -> captions when a text index is served
 * ``GET /api/thumb/{row}``   a JPEG thumbnail of an indexed image, resolved from the index
-  metadata only (the client names a row number, never a path)
+  metadata only (the client names a row number, never a path); ``?size=`` up to 1024 px for
+  the page's enlarged view
 
 Every client error is a 4xx with ``{"error": {"code": ..., "message": ...}}``; unexpected
-failures are logged and answered with a 500 of the same shape, and the server keeps serving.
-FastAPI and uvicorn are optional (``pip install 'xmodal[serve]'``) and imported lazily.
+failures are logged once (with their traceback) and answered with a 500 of the same shape,
+and the server keeps serving. :func:`server_config` runs the app under uvicorn with
+:func:`http_protocol`, which answers uvicorn's own errors (malformed HTTP) in that shape too
+and times out requests whose headers or body stall (:data:`READ_TIMEOUT`). A client that
+disconnects mid-upload is one log line. FastAPI and uvicorn are optional
+(``pip install 'xmodal[serve]'``) and imported lazily.
 """
 
+import asyncio
 import io
+import json
 import logging
 import os
 import tempfile
 import threading
 from collections import OrderedDict
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,6 +41,8 @@ import torch
 from ..errors import ConfigError, DataError, XmodalError, where
 from ..index.build import EMOJI_MARK
 from ..models.base import pixel_tower
+from ..models.run import Run
+from ..search.query import result_label
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +59,19 @@ MAX_UPLOAD_PIXELS = 25_000_000
 #: Longest side of a thumbnail, and how many encoded thumbnails are kept in memory.
 THUMB_SIZE = 256
 THUMB_CACHE = 2048
+#: Sizes a client may ask for with ``/api/thumb/{row}?size=`` (the page's enlarged view);
+#: only :data:`THUMB_SIZE` is cached.
+MIN_THUMB_SIZE, MAX_THUMB_SIZE = 32, 1024
 #: Indexed images above this many pixels are not thumbnailed.
 MAX_THUMB_SOURCE_PIXELS = 64_000_000
 #: Metadata keys that hold server file-system paths: not sent to clients.
 PRIVATE_KEYS = ("path", "folder")
+#: Seconds the server waits for the next piece of a request (its headers, or the next part of
+#: an upload's body) before giving up on it: 408 in the JSON error shape, connection closed.
+READ_TIMEOUT = 15.0
+#: Set in a request's ASGI scope when :func:`http_protocol` refused the rest of it as malformed
+#: HTTP (already logged by uvicorn: the handler then says nothing more about the disconnect).
+BAD_HTTP_SCOPE_KEY = "xmodal.bad_http"
 
 INSTALL_HINT = "pip install 'xmodal[serve]'"
 
@@ -63,6 +82,16 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request was read (already logged)."""
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The one JSON error shape, encoded: ``{"error": {"code": ..., "message": ...}}``."""
+    return json.dumps({"error": {"code": code, "message": message}}, ensure_ascii=False,
+                      separators=(",", ":")).encode("utf-8")
 
 
 def require_server_packages() -> None:
@@ -146,10 +175,13 @@ class SearchService:
             return {"name": Path(ix.path).name, "size": len(ix), "modality": ix.modality, "dim": ix.dim,
                     "backend": ix.backend, "metric": ix.metric}
 
+        run_path = self.run.path if isinstance(self.run, Run) else ref.get("run")
+        config = self.run.config if isinstance(self.run, Run) else None
         return {
             "index": describe(self.index),
             "text_index": describe(self.text_index),
-            "model": {"type": type(self.model).__name__, "run": Path(ref["run"]).name if ref.get("run") else None,
+            "model": {"type": type(self.model).__name__, "run": run_label(run_path) if run_path else None,
+                      "name": getattr(config, "name", None) or None,
                       "checkpoint": Path(str(ref.get("checkpoint", ""))).name or None,
                       "weights_sha256": ref.get("weights_sha256"),
                       "image_input": "pixels" if self.pixel_tower is not None else "features"},
@@ -159,7 +191,8 @@ class SearchService:
                              "image_to_text": self.pixel_tower is not None and self.text_index is not None,
                              "thumbnails": True},
             "limits": {"max_query_chars": MAX_QUERY_CHARS, "max_k": MAX_K, "max_upload_bytes": MAX_UPLOAD_BYTES,
-                       "max_upload_pixels": MAX_UPLOAD_PIXELS},
+                       "max_upload_pixels": MAX_UPLOAD_PIXELS, "thumb_size": THUMB_SIZE,
+                       "max_thumb_size": MAX_THUMB_SIZE},
         }
 
     # -- search ------------------------------------------------------------------------
@@ -169,7 +202,8 @@ class SearchService:
         out = []
         for rank, (score, row, id_, meta) in enumerate(zip(scores[keep].tolist(), rows.tolist(), index.ids_of(rows),
                                                            index.metadata(rows)), 1):
-            rec: dict[str, Any] = {"rank": rank, "score": round(float(score), 6), "row": int(row), "id": id_}
+            rec: dict[str, Any] = {"rank": rank, "score": round(float(score), 6), "row": int(row), "id": id_,
+                                   "label": result_label(meta, id_)}
             rec.update({k: v for k, v in meta.items() if k not in rec and k not in PRIVATE_KEYS})
             if thumbs:
                 rec["thumb"] = f"/api/thumb/{row}"
@@ -248,25 +282,36 @@ class SearchService:
         except ImageLoadError as e:
             raise ApiError(404, "no_image", f"row {row}: the indexed image cannot be read ({e.reason})") from None
 
-    def thumbnail(self, row: int) -> bytes:
-        """JPEG bytes of row ``row``'s image, at most :data:`THUMB_SIZE` pixels a side (cached)."""
+    def thumbnail(self, row: int, size: int = THUMB_SIZE) -> bytes:
+        """JPEG bytes of row ``row``'s image, at most ``size`` pixels a side (cached at
+        :data:`THUMB_SIZE`; never enlarged beyond the image's own size)."""
         if not 0 <= row < len(self.index):
             raise ApiError(404, "row_out_of_range", f"row {row} out of range: the index has {len(self.index)} "
                                                     f"rows (0..{len(self.index) - 1})")
-        with self._thumb_lock:
-            if row in self._thumbs:
-                self._thumbs.move_to_end(row)
-                return self._thumbs[row]
+        cached = size == THUMB_SIZE
+        if cached:
+            with self._thumb_lock:
+                if row in self._thumbs:
+                    self._thumbs.move_to_end(row)
+                    return self._thumbs[row]
         img = self._source_image(row).convert("RGB")
-        img.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        img.thumbnail((size, size))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=88)
         data = buf.getvalue()
-        with self._thumb_lock:
-            self._thumbs[row] = data
-            while len(self._thumbs) > THUMB_CACHE:
-                self._thumbs.popitem(last=False)
+        if cached:
+            with self._thumb_lock:
+                self._thumbs[row] = data
+                while len(self._thumbs) > THUMB_CACHE:
+                    self._thumbs.popitem(last=False)
         return data
+
+
+def run_label(run_path: str | Path) -> str:
+    """A run's short name for people: its folder's name, with the parent's when the folder has a
+    generic name (``runs/demo/run`` -> ``demo/run``)."""
+    path = Path(run_path)
+    return f"{path.parent.name}/{path.name}" if path.name in ("run", "best", "model") and path.parent.name else path.name
 
 
 def load_service(index: str | os.PathLike, text_index: str | os.PathLike | None = None, *,
@@ -324,19 +369,124 @@ def _decode_upload(data: bytes, filename: str) -> Any:
         os.unlink(tmp)
 
 
-def create_app(service: SearchService) -> Any:
-    """The FastAPI app serving ``service`` (see the module docstring for the endpoints)."""
+# -- what the OpenAPI schema documents (plain JSON schemas: no pydantic models to import) ------
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["error"], "additionalProperties": False,
+    "properties": {"error": {"type": "object", "required": ["code", "message"], "additionalProperties": False,
+                             "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}
+RESULT_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["rank", "score", "row", "id", "label"], "additionalProperties": True,
+    "properties": {
+        "rank": {"type": "integer", "minimum": 1}, "score": {"type": "number"},
+        "row": {"type": "integer", "minimum": 0}, "id": {"type": "string"},
+        "label": {"type": "string", "description": "caption / name of the row, for people"},
+        "captions": {"type": "array", "items": {"type": "string"}, "description": "an image's captions (up to 5)"},
+        "caption": {"type": "string", "description": "a caption row's text"},
+        "thumb": {"type": "string", "description": "URL of the image's thumbnail"}}}
+RESULTS_SCHEMA: dict[str, Any] = {"type": "array", "items": RESULT_SCHEMA, "maxItems": MAX_K}
+TEXT_SEARCH_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["query", "k", "results"], "additionalProperties": False,
+    "properties": {"query": {"type": "string"}, "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
+                   "results": RESULTS_SCHEMA}}
+IMAGE_SEARCH_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["query", "k", "images", "texts"], "additionalProperties": False,
+    "properties": {
+        "query": {"type": "object", "required": ["filename", "width", "height"], "additionalProperties": False,
+                  "properties": {"filename": {"type": "string"}, "width": {"type": "integer", "minimum": 1},
+                                 "height": {"type": "integer", "minimum": 1}}},
+        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K}, "images": RESULTS_SCHEMA, "texts": RESULTS_SCHEMA}}
+HEALTH_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["status", "index_size"], "additionalProperties": False,
+    "properties": {"status": {"const": "ok"}, "index_size": {"type": "integer", "minimum": 1}}}
+INFO_SCHEMA: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "required": ["index", "text_index", "model", "reranker", "capabilities", "limits"],
+    "properties": {"index": {"type": "object"}, "text_index": {"type": ["object", "null"]},
+                   "model": {"type": "object", "required": ["type", "run", "name", "image_input"]},
+                   "reranker": {"type": ["object", "null"]}, "capabilities": {"type": "object"},
+                   "limits": {"type": "object"}}}
+#: what each error status means, as documented per route
+ERROR_DESCRIPTIONS = {
+    400: "invalid request: a parameter, the multipart body or the image is malformed",
+    403: "the row's image lies outside the indexed image folder",
+    404: "no such row, or the row has no image",
+    408: "the request body stalled (no data within the read time-out); the connection is closed",
+    413: "the upload is larger than the limit; the connection is closed",
+    415: "the upload is not an image, or is sent with another content type",
+    500: "an unexpected server failure (logged); the server keeps serving",
+}
+
+
+def _documented(schema: dict[str, Any] | None, *errors: int, media_type: str = "application/json") -> dict:
+    """``responses=`` for a route: its 200 answer and its error statuses, all in the JSON error
+    shape (``4XX`` covers unknown routes and methods; FastAPI's 422 is never sent: 400 instead)."""
+    body = {"content": {"application/json": {"schema": ERROR_SCHEMA}}}
+    out: dict[int | str, Any] = {200: {"description": "OK", "content": {media_type: {"schema": schema or {}}}}}
+    out.update({code: {"description": ERROR_DESCRIPTIONS[code], **body} for code in (*errors, 500)})
+    out["4XX"] = {"description": "another client error (e.g. 405 method not allowed)", **body}
+    return out
+
+
+def create_app(service: SearchService, *, read_timeout: float = READ_TIMEOUT) -> Any:
+    """The FastAPI app serving ``service`` (see the module docstring for the endpoints).
+
+    ``read_timeout``: seconds an upload's body may stall between two reads before it is
+    answered 408 and its connection closed (:func:`server_config` applies the same limit to
+    request headers).
+    """
     require_server_packages()
     from fastapi import FastAPI
 
+    if isinstance(read_timeout, bool) or not isinstance(read_timeout, (int, float)) or not read_timeout > 0:
+        raise ConfigError(f"read_timeout={read_timeout!r}: must be a positive number of seconds")
     app = FastAPI(title="xmodal search", version="1", summary="Cross-modal image-text search over an xmodal index.")
     page = _page()
     _add_error_handlers(app)
+    app.add_middleware(FailureGuard)
     _add_query_routes(app, service, page)
-    _add_image_search_route(app, service)
+    _add_image_search_route(app, service, float(read_timeout))
     _add_thumb_route(app, service)
     app.state.service = service
+    app.state.read_timeout = float(read_timeout)
     return app
+
+
+def _client(scope: dict[str, Any]) -> str:
+    host_port = scope.get("client") or ("?", 0)
+    return f"{host_port[0]}:{host_port[1]}"
+
+
+class FailureGuard:
+    """ASGI middleware (inside Starlette's outermost one): an unexpected exception is logged
+    once, with its traceback, and answered ``500 internal_error`` in the JSON shape. It is not
+    re-raised, so neither Starlette nor uvicorn logs it a second time."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_)
+        except Exception:
+            log.exception("%s %s failed (client %s)", scope.get("method"), scope.get("path"), _client(scope))
+            if started:  # the answer was cut short: nothing more can be said on this connection
+                return
+            body = error_body("internal_error", "internal server error (see the server log)")
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                                    (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
 
 
 def _add_error_handlers(app: Any) -> None:
@@ -345,11 +495,14 @@ def _add_error_handlers(app: Any) -> None:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
-    def error(status: int, code: str, message: str) -> JSONResponse:
-        # after a refused upload the rest of its body is unread: close the connection rather
-        # than let the server drain (read) the remainder to reuse it
-        headers = {"Connection": "close"} if status == 413 else None
+    def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        # after a refused or stalled upload the rest of its body is unread: close the connection
+        # rather than let the server drain (read) the remainder to reuse it
+        headers = dict(headers or {})
+        if status in (408, 413):
+            headers["Connection"] = "close"
         return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
@@ -367,14 +520,23 @@ def _add_error_handlers(app: Any) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error(exc.status_code, code, str(exc.detail))
+        return error(exc.status_code, code, str(exc.detail), exc.headers)  # 405 keeps its Allow header
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> JSONResponse:
+        return error(400, "client_disconnected", str(exc))  # nobody reads it: uvicorn drops it
+
+    @app.exception_handler(ClientDisconnect)
+    async def _disconnect(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        log.warning("client %s disconnected during %s %s", _client(request.scope), request.method, request.url.path)
+        return error(400, "client_disconnected", "the client disconnected")
 
     @app.exception_handler(XmodalError)
     async def _xmodal(request: Request, exc: XmodalError) -> JSONResponse:
         return error(400, "bad_request", str(exc))
 
     @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:  # a failure of FailureGuard itself
         log.exception("%s %s failed", request.method, request.url.path)
         return error(500, "internal_error", "internal server error (see the server log)")
 
@@ -388,16 +550,19 @@ def _add_query_routes(app: Any, service: SearchService, page: str) -> None:
     def index_page() -> HTMLResponse:
         return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
-    @app.get("/api/health", summary="Liveness")
+    @app.get("/api/health", summary="Liveness", response_model=None, responses=_documented(HEALTH_SCHEMA))
     def health() -> dict[str, Any]:
         return {"status": "ok", "index_size": len(service.index)}
 
-    @app.get("/api/info", summary="Index sizes, modalities, model and limits")
+    @app.get("/api/info", summary="Index sizes, modalities, model and limits", response_model=None,
+             responses=_documented(INFO_SCHEMA))
     def info() -> dict[str, Any]:
         return service.info()
 
-    @app.get("/api/search", summary="Text -> image search")
-    def search(q: str = Query(..., max_length=MAX_QUERY_CHARS, description="query text"),
+    @app.get("/api/search", summary="Text -> image search", response_model=None,
+             responses=_documented(TEXT_SEARCH_SCHEMA, 400))
+    def search(q: str = Query(..., max_length=MAX_QUERY_CHARS, json_schema_extra={"pattern": r"\S"},
+                              description="query text (not blank)"),
                k: int = Query(10, ge=1, le=MAX_K, description="number of results")) -> dict[str, Any]:
         text = q.strip()
         if not text:
@@ -405,7 +570,37 @@ def _add_query_routes(app: Any, service: SearchService, page: str) -> None:
         return {"query": text, "k": k, "results": service.search_text(text, k)}
 
 
-def _add_image_search_route(app: Any, service: SearchService) -> None:
+async def read_body(request: Any, cap: int, timeout: float) -> bytes:
+    """The request body, at most ``cap`` bytes (else 413), waiting at most ``timeout`` seconds
+    for each piece (else 408); a client that disconnects is logged in one line (:class:`ClientGone`)."""
+    chunks: list[bytes] = []
+    size = 0
+    declared = request.headers.get("content-length")
+    of = f" of {int(declared):,}" if declared and declared.isdigit() else ""
+    while True:
+        try:
+            message = await asyncio.wait_for(request.receive(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("client %s sent no data for %g s during %s %s (%s%s bytes received): answered 408",
+                        _client(request.scope), timeout, request.method, request.url.path, f"{size:,}", of)
+            raise ApiError(408, "body_timeout", f"the request body stalled: no data for {timeout:g} s after "
+                                                f"{size:,} bytes") from None
+        if message["type"] == "http.disconnect":
+            if not request.scope.get(BAD_HTTP_SCOPE_KEY):
+                log.warning("client %s disconnected during %s %s after %s%s bytes", _client(request.scope),
+                            request.method, request.url.path, f"{size:,}", of)
+            raise ClientGone(f"the client disconnected after {size:,} bytes")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:  # also bounds a chunked body with no Content-Length
+            raise ApiError(413, "too_large", f"upload refused after {size:,} bytes: images up to "
+                                             f"{MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _add_image_search_route(app: Any, service: SearchService, read_timeout: float) -> None:
     """``POST /api/search/image``: an uploaded image (multipart ``file`` or raw ``image/*`` body)."""
     from fastapi import Query, Request
     from starlette.concurrency import run_in_threadpool
@@ -417,7 +612,8 @@ def _add_image_search_route(app: Any, service: SearchService) -> None:
                                            "properties": {"file": {"type": "string", "format": "binary"}}}},
         "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
 
-    @app.post("/api/search/image", summary="Image -> image (and -> caption) search", openapi_extra=upload_doc)
+    @app.post("/api/search/image", summary="Image -> image (and -> caption) search", openapi_extra=upload_doc,
+              response_model=None, responses=_documented(IMAGE_SEARCH_SCHEMA, 400, 408, 413, 415))
     async def search_image(request: Request, k: int = Query(10, ge=1, le=MAX_K)) -> dict[str, Any]:
         body = await _read_capped(request)
         data, name = await _image_part(request, body)
@@ -434,14 +630,7 @@ def _add_image_search_route(app: Any, service: SearchService) -> None:
             if int(length) > cap:
                 raise ApiError(413, "too_large", f"upload of {int(length):,} bytes refused: images up to "
                                                  f"{MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
-        chunks, size = [], 0
-        async for chunk in request.stream():  # also bounds a chunked body with no Content-Length
-            size += len(chunk)
-            if size > cap:
-                raise ApiError(413, "too_large", f"upload refused after {size:,} bytes: images up to "
-                                                 f"{MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, cap, read_timeout)
 
     async def _image_part(request: Request, body: bytes) -> tuple[bytes, str]:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -474,13 +663,32 @@ def _add_image_search_route(app: Any, service: SearchService) -> None:
 def _add_thumb_route(app: Any, service: SearchService) -> None:
     """``GET /api/thumb/{row}``: a JPEG thumbnail of an indexed image."""
     from fastapi import Path as PathParam
+    from fastapi import Query
     from fastapi.responses import Response
 
-    @app.get("/api/thumb/{row}", summary="Thumbnail (JPEG) of an indexed image",
-             responses={200: {"content": {"image/jpeg": {}}}}, response_class=Response)
-    def thumb(row: int = PathParam(..., ge=0, description="row number in the image index")) -> Response:
-        return Response(service.thumbnail(row), media_type="image/jpeg",
+    jpeg = {"type": "string", "format": "binary"}
+
+    @app.get("/api/thumb/{row}", summary="Thumbnail (JPEG) of an indexed image", response_class=Response,
+             responses=_documented(jpeg, 400, 403, 404, media_type="image/jpeg"))
+    def thumb(row: int = PathParam(..., ge=0, description="row number in the image index",
+                                   json_schema_extra={"maximum": len(service.index) - 1}),  # documented: 404 above
+              size: int = Query(THUMB_SIZE, ge=MIN_THUMB_SIZE, le=MAX_THUMB_SIZE,
+                                description="longest side in pixels (the image is never enlarged)")) -> Response:
+        return Response(service.thumbnail(row, size), media_type="image/jpeg",
                         headers={"Cache-Control": "public, max-age=3600"})
+
+
+# -- running under uvicorn ---------------------------------------------------------------------
+
+
+def server_config(app: Any, **kwargs: Any) -> Any:
+    """A ``uvicorn.Config`` for ``app`` (from :func:`create_app`) with :func:`http_protocol`
+    at the app's ``read_timeout``; ``kwargs`` go to ``uvicorn.Config`` (host, port, log_level...)."""
+    import uvicorn
+
+    read_timeout = getattr(app.state, "read_timeout", READ_TIMEOUT)
+    kwargs.setdefault("timeout_keep_alive", 5)
+    return uvicorn.Config(app, http=http_protocol(read_timeout), **kwargs)
 
 
 def is_loopback(host: str) -> bool:
@@ -493,3 +701,76 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _raw_response(status: int, reason: str, code: str, message: str) -> bytes:
+    """A complete HTTP/1.1 error response in the JSON shape, closing the connection."""
+    body = error_body(code, message)
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode("ascii") + body
+
+
+@lru_cache(maxsize=16)
+def http_protocol(read_timeout: float = READ_TIMEOUT) -> type:
+    """uvicorn's h11 HTTP/1.1 protocol, changed in two ways: its own error answers (malformed
+    HTTP: 400) use the API's JSON error shape instead of plain text, and a connection whose
+    request headers are not complete ``read_timeout`` seconds after they began (or after the
+    connection opened) is closed: with a 408 in the JSON shape when part of them arrived,
+    silently when nothing did (an idle pre-opened browser connection)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonErrorsH11Protocol(H11Protocol):
+        header_timeout = float(read_timeout)
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.header_timer = self.loop.call_later(self.header_timeout, self.headers_timed_out)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # a request's headers are complete
+                self.cancel_header_timer()
+            elif self.header_timer is None and self.conn.trailing_data[0]:  # the next request began
+                self.header_timer = self.loop.call_later(self.header_timeout, self.headers_timed_out)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.cancel_header_timer()
+            super().connection_lost(exc)
+
+        def cancel_header_timer(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def headers_timed_out(self) -> None:
+            self.header_timer = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            received = len(self.conn.trailing_data[0])
+            if received:
+                client = "%s:%d" % self.client if self.client else "?"
+                log.warning("client %s sent incomplete request headers (%d bytes) for %g s: answered 408",
+                            client, received, self.header_timeout)
+                self.transport.write(_raw_response(408, "Request Timeout", "header_timeout",
+                                                   f"the request headers stalled: incomplete after "
+                                                   f"{self.header_timeout:g} s"))
+            self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:  # uvicorn's msg: "Invalid HTTP request received."
+            if self.cycle is not None and not self.cycle.response_complete:  # the app is reading this request
+                self.cycle.scope[BAD_HTTP_SCOPE_KEY] = True  # type: ignore[literal-required]
+            try:
+                body = error_body("bad_http_request", "malformed HTTP request: not valid HTTP/1.1")
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                           (b"connection", b"close")]
+                self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers,
+                                                                 reason=b"Bad Request")))
+                self.transport.write(self.conn.send(h11.Data(data=body)))
+                self.transport.write(self.conn.send(h11.EndOfMessage()))
+            except h11.LocalProtocolError:  # a response had already begun: nothing more can be sent
+                pass
+            self.transport.close()
+
+    return JsonErrorsH11Protocol

@@ -1,9 +1,13 @@
 """The training loop: one for every method.
 
-It builds the model, the loss and the task from a config, prepares the train and
-validation splits (caching frozen towers), and runs optimizer steps with warmup + cosine
-or step schedules, gradient clipping, AMP on CUDA, periodic evaluation with the streaming
-engine, best checkpoint by validation rsum, early stopping, and exact resume.
+It first reads and checks everything a run needs that is cheap to check (the trainer's choices
+in the config, every split it reads, their image files, ``train.batch_size`` against the
+training set: :func:`check_train_config`, :func:`check_data`), then builds the model, the loss
+and the task, prepares the train and validation splits (caching frozen towers), and only then
+creates the run folder (a run that fails its checks or its setup leaves nothing behind). It runs
+optimizer steps with warmup + cosine or step schedules, gradient clipping, AMP on CUDA, periodic
+evaluation with the streaming engine, best checkpoint by validation rsum, early stopping, and
+exact resume.
 
 Launched by ``torchrun``, every process runs :func:`train`: each encodes its slice of the
 global batch, features are gathered so the loss sees the global batch, DDP averages the
@@ -25,7 +29,7 @@ import torch
 import yaml
 
 from .. import config as C
-from ..errors import ConfigError, XmodalError
+from ..errors import ConfigError, DataError, XmodalError
 from ..utils import atomic_write_json, atomic_write_text, seed_everything
 from ..models.run import latest_checkpoint
 from .checkpoint import restore_checkpoint, save_best, save_checkpoint
@@ -35,6 +39,78 @@ from .ddp import GatheringModel, ShardedBatchOrder, data_parallel, step_seed
 from .tasks import build_task
 
 log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "adamw", "adamax", "sgd")
+SCHEDULES = ("cosine", "step", "constant")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def check_train_config(cfg: C.Config) -> None:
+    """The trainer's own choices in ``cfg`` (optimizer, schedule, AMP) and every numeric field's
+    range (also for a config built in Python and changed after loading), checked before anything is loaded."""
+    C.validate(cfg)
+    if cfg.optim.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name: unknown optimizer {cfg.optim.name!r}; choose adam, adamw, adamax or sgd")
+    if cfg.optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule: unknown schedule {cfg.optim.schedule!r}; choose cosine, step or constant")
+    if cfg.train.amp not in AMP_MODES:
+        raise ConfigError(f"train.amp: expected none, bf16 or fp16, got {cfg.train.amp!r}")
+
+
+def check_data(cfg: C.Config, world_size: int = 1) -> tuple[Any, Any, str | None]:
+    """Read every split a run trains on, before any feature extraction or model loading:
+    ``(train dataset, val dataset, note)``.
+
+    Reading checks the data path, the format's files, columns and split names; then the image
+    files are looked for (all missing = a wrong path) and ``train.batch_size`` is fitted to the
+    training set: larger than it, it is lowered to it (to a multiple of ``world_size`` under
+    torchrun) and ``note`` says so; ``cfg`` is changed in place, so the saved config holds the
+    batch size used and ``--resume`` (which fits it the same way) compares equal.
+    """
+    from ..data.pipeline import check_image_files
+
+    d = cfg.data
+    train_ds = _read_split(cfg, "train_split", d.train_lang, training=True)
+    val_ds = _read_split(cfg, "val_split", d.eval_lang)
+    for ds in (train_ds, val_ds):
+        check_image_files(ds)
+    note = fit_batch_size(cfg, train_ds, world_size)
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch; it must divide evenly "
+                          f"among {world_size} processes")
+    return train_ds, val_ds, note
+
+
+def _read_split(cfg: C.Config, key: str, lang: str, training: bool = False) -> Any:
+    """The split ``cfg.data.<key>`` names; a split the data lacks says which config key named it."""
+    from ..data.pipeline import load_split
+
+    split = getattr(cfg.data, key)
+    try:
+        return load_split(cfg, split, lang, training=training)
+    except DataError as exc:
+        if repr(split) not in str(exc):
+            raise
+        raise DataError(f"{exc} (the run reads split data.{key}={split!r}; choose another with "
+                        f"data.{key}=NAME)") from None
+
+
+def fit_batch_size(cfg: C.Config, train_ds: Any, world_size: int = 1) -> str | None:
+    """Lower ``cfg.train.batch_size`` to the training set's size when it is larger (in place);
+    the one-line note saying so, else None."""
+    from ..data.pipeline import training_samples
+
+    n, unit = training_samples(cfg, train_ds)
+    asked = cfg.train.batch_size
+    if n < max(world_size, 1):
+        raise DataError(f"training split {train_ds.name}/{train_ds.split} has {n} {unit} with an image: "
+                        f"too few to train" + (f" on {world_size} processes" if world_size > 1 else ""))
+    if asked <= n:
+        return None
+    cfg.train.batch_size = n - n % world_size
+    procs = f" (a multiple of the {world_size} processes)" if world_size > 1 else ""
+    return (f"note: train.batch_size={asked} is more than the training split's {n} {unit}; "
+            f"training with train.batch_size={cfg.train.batch_size}{procs}")
 
 
 def lr_at(step: int, cfg: C.OptimConfig, total: int) -> float:
@@ -88,18 +164,20 @@ def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: 
     return groups
 
 
-def prepare_config(cfg: C.Config) -> None:
+def prepare_config(cfg: C.Config, train_ds: Any = None) -> None:
     """Fill what a config derives from its data, deterministically, before it is saved.
 
     A BiGRU text tower without a vocabulary gets a word-level tokenizer trained on the
     training captions; its JSON goes into the config so the run can be rebuilt anywhere.
+    ``train_ds``: the training split as :func:`check_data` read it (else it is read here).
     """
     for tcfg in (cfg.model.text,):
         if tcfg.name == "bigru" and not (tcfg.args.get("tokenizer_json") or tcfg.args.get("tokenizer_path")):
             from ..models.text.bigru import train_tokenizer
             from ..data.pipeline import load_split
 
-            ds = load_split(cfg, cfg.data.train_split, cfg.data.train_lang, training=True)
+            ds = train_ds if train_ds is not None else \
+                load_split(cfg, cfg.data.train_split, cfg.data.train_lang, training=True)
             tcfg.args["tokenizer_json"] = train_tokenizer(ds.captions, min_freq=int(tcfg.args.pop("min_freq", 1)))
 
 
@@ -162,34 +240,24 @@ def train(cfg: C.Config, run_dir: str | Path, *, resume: bool = False, progress:
 
 def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, resume: bool,
            progress: bool, console: Any) -> dict:
-    """Set up a run (model, task, splits, optimizer, resumed state), train it and write its summary."""
+    """Check a run's inputs, set it up (model, task, splits, optimizer, resumed state), create its
+    folder, train it and write its summary."""
     from rich.console import Console
-
-    from ..losses import create_loss
-    from ..models import create_model
 
     console = console or Console(stderr=True)
     if not env.is_main:  # one process speaks for the run
         console, progress = Console(stderr=True, quiet=True), False
-    prepare_config(cfg)
+    check_train_config(cfg)
+    train_ds, val_ds, note = check_data(cfg, env.world_size)  # before any model loading or extraction
+    if note:
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
+    prepare_config(cfg, train_ds)
     config_yaml = yaml.safe_dump(C.to_dict(cfg), sort_keys=False)
     ckpt = _checkpoint_to_resume(cfg, run_dir, resume)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", config_yaml)
-
-    seed_everything(cfg.train.seed)
-    model = create_model(cfg.model)
-    if not model.needs_training():
-        raise ConfigError(f"{type(model).__name__} has nothing to train (an ensemble of finished runs): "
-                          "evaluate the config directly, xmodal eval CONFIG.yaml")
-    loss = create_loss(cfg.loss.name, **cfg.loss.args)
-    # several processes: the task sees the global batch's features (gathered), see distributed.py
-    task = build_task(GatheringModel(model, env) if env.enabled else model, loss, model.task_name())
-    model.prepare_training(cfg, run_dir)
+    model, loss, task = _build(cfg, env, run_dir)
 
     t0 = time.perf_counter()
-    train_split, val_split = _prepare_splits(cfg, model, task, env, progress)
+    train_split, val_split = _prepare_splits(cfg, model, task, env, progress, (train_ds, val_ds))
     prep_seconds = time.perf_counter() - t0
     console.print(f"[bold]train[/] {train_split.dataset.summary()}")
     if val_split is not None:
@@ -214,8 +282,11 @@ def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, 
         console.print(f"resuming {run_dir} from step {start}")
     state.pop("optimizer", None)
     state["world_size"] = env.world_size
-    metric_log = MetricLog(run_dir, cfg.train.tensorboard) if env.is_main else None
     scaler, use_amp, amp_dtype = _amp_setup(cfg, device, state, run_dir)
+    if env.is_main:  # everything is checked and set up: only now the run folder is written
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", config_yaml)
+    metric_log = MetricLog(run_dir, cfg.train.tensorboard) if env.is_main else None
 
     run = _Run(cfg, run_dir, env, device, console, config_yaml, model, loss, task, params, optimizer, order,
                train_split, val_split, state, metric_log, scaler, use_amp, amp_dtype)
@@ -228,6 +299,23 @@ def _train(cfg: C.Config, run_dir: Path, env: DistEnv, device: torch.device, *, 
         atomic_write_json(run_dir / "summary.json", summary)
     barrier(env)  # the others leave the group only once rank 0 has written the run
     return summary
+
+
+def _build(cfg: C.Config, env: DistEnv, run_dir: Path) -> tuple[Any, Any, Any]:
+    """``(model, loss, task)`` of ``cfg``, seeded; the model's own preparation done."""
+    from ..losses import create_loss
+    from ..models import create_model
+
+    seed_everything(cfg.train.seed)
+    model = create_model(cfg.model)
+    if not model.needs_training():
+        raise ConfigError(f"{type(model).__name__} has nothing to train (an ensemble of finished runs): "
+                          "evaluate the config directly, xmodal eval CONFIG.yaml")
+    loss = create_loss(cfg.loss.name, **cfg.loss.args)
+    # several processes: the task sees the global batch's features (gathered), see distributed.py
+    task = build_task(GatheringModel(model, env) if env.enabled else model, loss, model.task_name())
+    model.prepare_training(cfg, run_dir)
+    return model, loss, task
 
 
 def _checkpoint_to_resume(cfg: C.Config, run_dir: Path, resume: bool) -> Path | None:
@@ -245,14 +333,20 @@ def _checkpoint_to_resume(cfg: C.Config, run_dir: Path, resume: bool) -> Path | 
     return ckpt
 
 
-def _prepare_splits(cfg: C.Config, model: Any, task: Any, env: DistEnv, progress: bool) -> tuple[Any, Any]:
-    """``(train split, val split)``; the val split only on rank 0 (None elsewhere)."""
+def _prepare_splits(cfg: C.Config, model: Any, task: Any, env: DistEnv, progress: bool,
+                    datasets: tuple[Any, Any] = (None, None)) -> tuple[Any, Any]:
+    """``(train split, val split)``; the val split only on rank 0 (None elsewhere).
+
+    ``datasets``: the train and val datasets as :func:`check_data` read them (else read here).
+    """
     from ..data.pipeline import prepare_split
 
+    train_ds, val_ds = datasets
     # rank 0 fills the frozen-tower caches before the other processes read them
     train_split = in_turns(env, lambda: prepare_split(cfg, model, cfg.data.train_split, cfg.data.train_lang,
-                                                      training=True, progress=progress))
-    val_split = (prepare_split(cfg, model, cfg.data.val_split, cfg.data.eval_lang, progress=progress)
+                                                      training=True, progress=progress, dataset=train_ds))
+    val_split = (prepare_split(cfg, model, cfg.data.val_split, cfg.data.eval_lang, progress=progress,
+                               dataset=val_ds)
                  if env.is_main else None)  # only rank 0 evaluates
     if hasattr(task, "attach_split"):  # tasks that draw beyond the batch (hard-negative pools)
         task.attach_split(cfg, train_split)
@@ -263,7 +357,7 @@ def _amp_setup(cfg: C.Config, device: torch.device, state: dict[str, Any],
                run_dir: Path) -> tuple[Any, bool, torch.dtype]:
     """``(grad scaler or None, use autocast, autocast dtype)`` of ``train.amp``; a resumed scaler restored."""
     amp = cfg.train.amp
-    if amp not in ("none", "bf16", "fp16"):
+    if amp not in AMP_MODES:
         raise ConfigError(f"train.amp: expected none, bf16 or fp16, got {amp!r}")
     use_amp = amp != "none" and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp == "fp16" else None
