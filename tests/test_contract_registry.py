@@ -109,6 +109,15 @@ def _table(suffix: str) -> Callable[[Path], FormatFixture]:
     return build
 
 
+def _webdataset(tmp: Path) -> FormatFixture:  # shards as xmodal export writes them, one folder per split
+    from xmodal.data.webdataset import write_shards
+
+    table = _table(".csv")(tmp)
+    for split in table.counts:
+        write_shards(load_dataset("table", table.path, split), tmp / "wds" / split, shard_size=1, progress=False)
+    return FormatFixture(tmp / "wds", dict(table.counts))
+
+
 def _emoji(tmp: Path) -> FormatFixture:  # the packaged dataset is the real format
     return FormatFixture(emoji.default_path(), {"train": (2822, 1411), "val": (500, 250), "test": (500, 250)})
 
@@ -126,6 +135,7 @@ FORMAT_FIXTURES: dict[tuple[str, str], Callable[[Path], FormatFixture]] = {
     ("table", "jsonl"): _table(".jsonl"),
     ("table", "parquet"): _table(".parquet"),
     ("emoji", "packaged"): _emoji,
+    ("webdataset", "shards"): _webdataset,
 }
 COVERED_FORMATS = sorted({fmt for fmt, _ in FORMAT_FIXTURES})
 
@@ -457,6 +467,9 @@ BACKEND_SPECS: dict[str, BackendSpec] = {
     "flat": BackendSpec({}, exact=True, needs_faiss=True),
     "ivf": BackendSpec({"nlist": 8, "nprobe": 8, "niter": 5}, exact=False, needs_faiss=True),
     "hnsw": BackendSpec({"M": 16, "ef_construction": 80, "ef_search": 80}, exact=False, needs_faiss=True),
+    # PQ codes with an exact re-score of k * refine candidates from vectors.npy
+    "ivfpq": BackendSpec({"nlist": 4, "m": 4, "nbits": 6, "opq": False, "nprobe": 4, "refine": 10},
+                         exact=False, needs_faiss=True),
 }
 DIM = 16
 K = 10

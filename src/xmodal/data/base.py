@@ -337,12 +337,16 @@ DATASETS: Registry[CrossModalDataset] = Registry("dataset format")
 #: folder of that name is in the working directory, which the reader then reads)
 PACKAGED_NAMES: dict[str, tuple[str, ...]] = {"emoji": ("emoji",)}
 
+#: formats whose ``path`` may be a pattern naming several files (WebDataset shards
+#: ``shards-{000000..000099}.tar``); their reader checks the files it names
+PATTERN_FORMATS: set[str] = set()
+
 
 def load_dataset(fmt: str, path: str | Path, split: str, **options) -> CrossModalDataset:
     """Read one split of a dataset in the named format (readers register when
     :mod:`xmodal.data` is imported, which importing this module does first)."""
     path = Path(path)
-    if not path.exists() and str(path) not in PACKAGED_NAMES.get(fmt, ()):
+    if not path.exists() and str(path) not in PACKAGED_NAMES.get(fmt, ()) and fmt not in PATTERN_FORMATS:
         raise DataError(f"{path}: no such file or folder")
     return DATASETS.create(fmt, path, split, **options)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import multiprocessing
 import dataclasses
 import hashlib
 import json
@@ -26,7 +27,8 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -37,11 +39,12 @@ from PIL import Image
 
 from .._version import __version__
 from .base import CrossModalDataset
+from .extract_backends import Engine, resolve_backend
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
 from ..progress import RateColumn, make_progress
 from ..errors import ConfigError, DataError, XmodalError, where
 from ..models.base import ImageTower
-from ..utils import cache_dir
+from ..utils import atomic_write_json, cache_dir
 
 try:  # advisory lock against two extractions writing one folder; POSIX only
     import fcntl
@@ -306,31 +309,77 @@ def _decode_batch(source: _ImageSource, preprocess: Callable[[Image.Image], torc
     return _Batch(indices, pixels, errors)
 
 
+# A decoding worker process's source and preprocess: set by the pool's initializer, which a
+# forked child inherits without pickling (the dataset and the tower stay in shared pages).
+_WORKER: tuple[_ImageSource, Callable] | None = None
+
+
+def _init_worker(source: _ImageSource, preprocess: Callable) -> None:
+    global _WORKER
+    _WORKER = (source, preprocess)
+    torch.set_num_threads(1)  # the parent's model owns the cores; a decoder needs one
+
+
+def _decode_in_worker(indices: np.ndarray) -> tuple[list[np.ndarray | None], list[str | None]]:
+    """:func:`_decode_batch` in a worker process; pixels come back as numpy arrays (cheap to send)."""
+    if _WORKER is None:
+        raise XmodalError("decoding worker used before its initializer ran")
+    batch = _decode_batch(*_WORKER, indices)
+    return [None if p is None else p.numpy() for p in batch.pixels], batch.errors
+
+
+def _decode_pool(source: _ImageSource, preprocess: Callable, num_workers: int) -> tuple[Executor, bool]:
+    """``(pool, is_process_pool)``: ``num_workers`` forked decoding processes where the platform can
+    fork, else threads (a spawned process would have to pickle the dataset and the tower)."""
+    if "fork" in multiprocessing.get_all_start_methods():
+        return ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_init_worker, initargs=(source, preprocess)), True
+    return ThreadPoolExecutor(num_workers, thread_name_prefix="xmodal-decode"), False
+
+
 def _batches(source: _ImageSource, preprocess, starts: Sequence[int], batch_size: int, n: int,
              num_workers: int) -> Iterator[_Batch]:
-    """Decoded batches in order; with workers, up to ``num_workers + 1`` batches decode ahead."""
+    """Decoded batches in order; with workers, up to ``num_workers + 1`` batches decode ahead in
+    worker processes. The first batch is decoded here, which also loads lazily read sources (a
+    compressed pixel pack) once, before the workers fork and share them."""
     spans = [np.arange(s, min(s + batch_size, n)) for s in starts]
-    if num_workers <= 0:
+    if num_workers <= 0 or len(spans) <= 1:
         for idx in spans:
             yield _decode_batch(source, preprocess, idx)
         return
-    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="xmodal-decode") as pool:
-        pending: collections.deque[Future] = collections.deque()
-        it = iter(spans)
-        try:
-            for idx in it:
-                pending.append(pool.submit(_decode_batch, source, preprocess, idx))
-                if len(pending) > num_workers:
-                    break
-            while pending:
-                batch = pending.popleft().result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append(pool.submit(_decode_batch, source, preprocess, nxt))
-                yield batch
-        finally:  # an error or an early stop: drop work not started yet
-            for fut in pending:
-                fut.cancel()
+    first = _decode_batch(source, preprocess, spans[0])
+    pool, processes = _decode_pool(source, preprocess, num_workers)
+    submit = (lambda idx: pool.submit(_decode_in_worker, idx)) if processes else \
+        (lambda idx: pool.submit(_decode_batch, source, preprocess, idx))
+    pending: collections.deque[tuple[np.ndarray, Future]] = collections.deque()
+    it = iter(spans[1:])
+    try:
+        for idx in it:
+            pending.append((idx, submit(idx)))
+            if len(pending) > num_workers:
+                break
+        yield first
+        while pending:
+            idx, fut = pending.popleft()
+            batch = _batch_result(idx, fut, processes)
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, submit(nxt)))
+            yield batch
+    finally:  # an error or an early stop: drop work not started yet, stop the workers
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _batch_result(idx: np.ndarray, fut: Future, processes: bool) -> _Batch:
+    if not processes:
+        return fut.result()
+    try:
+        pixels, errors = fut.result()
+    except BrokenProcessPool:
+        raise XmodalError(f"a decoding worker process died while reading images {int(idx[0])}..{int(idx[-1])} "
+                          "(killed, out of memory, or a crash in an image decoder); run again with "
+                          "--workers 0 to decode in the main process and find the image") from None
+    return _Batch(idx, [None if p is None else torch.from_numpy(p) for p in pixels], errors)
 
 
 class _Partial:
@@ -381,7 +430,7 @@ def _remove_feature_files(out_dir: Path) -> None:
             (out_dir / name).unlink()
 
 
-def _inputs(dataset: CrossModalDataset, tower_spec: Mapping, grid: bool, dtype: str) -> dict:
+def _inputs(dataset: CrossModalDataset, tower_spec: Mapping, grid: bool, dtype: str, backend: str = "eager") -> dict:
     """Everything that determines the output bytes; a resume or reuse requires equality."""
     return {
         "tower": json.loads(json.dumps(dict(tower_spec), sort_keys=True)),
@@ -391,7 +440,20 @@ def _inputs(dataset: CrossModalDataset, tower_spec: Mapping, grid: bool, dtype: 
         "image_ids_sha256": ids_sha256(dataset.image_ids),
         "grid": bool(grid),
         "dtype": dtype,
+        "backend": backend,
     }
+
+
+def _content_inputs(images_sha256: str, num_images: int, tower_spec: Mapping, grid: bool, dtype: str,
+                    backend: str) -> dict:
+    """The inputs of a cache entry: the images' content and the tower, not the dataset's name or ids."""
+    return {"tower": json.loads(json.dumps(dict(tower_spec), sort_keys=True)), "images_sha256": images_sha256,
+            "num_images": num_images, "grid": bool(grid), "dtype": dtype, "backend": backend}
+
+
+def _same_inputs(old: Any, new: Mapping) -> bool:
+    """Equal inputs; folders written before backends existed were extracted eagerly."""
+    return isinstance(old, dict) and {"backend": "eager", **old} == dict(new)
 
 
 def _first_difference(a: Mapping, b: Mapping) -> str:
@@ -405,7 +467,7 @@ def _reuse_finished(out_dir: Path, inputs: dict) -> "FeatureSet":
     """The finished features in ``out_dir``, if they were made from ``inputs`` (else a DataError)."""
     manifest = _read_json(out_dir / MANIFEST)
     old = manifest.get("inputs") if isinstance(manifest, dict) else None
-    if old != inputs:
+    if not _same_inputs(old, inputs):
         diff = _first_difference(old, inputs) if isinstance(old, dict) else "unreadable manifest"
         raise DataError(f"{where(out_dir)}already holds features made from other inputs ({diff}); "
                         "choose another folder or pass --overwrite (overwrite=True)")
@@ -427,6 +489,7 @@ def extract_features(
     device: str | torch.device = "cpu",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
+    backend: str = "auto",
 ) -> FeatureSet:
     """Run a frozen pixel tower over every image of ``dataset`` once and store the outputs.
 
@@ -436,9 +499,21 @@ def extract_features(
     images are reported with path and reason and either skipped (zero rows, ``valid`` False,
     listed in the manifest) with ``on_error="skip"`` or raise :class:`ImageLoadError` with
     ``on_error="fail"``. Re-running with the same inputs resumes an interrupted run, or
-    returns the finished folder; ``overwrite=True`` starts again.
+    returns the finished folder; ``overwrite=True`` starts again. ``num_workers`` decoding
+    processes run ahead of the model; ``backend`` (:mod:`xmodal.data.extract_backends`) picks
+    how the tower runs (``auto``: the fastest one installed).
     """
-    out_dir = Path(out_dir)
+    dev, spec, backend = _checked(dataset, tower, tower_spec, on_error=on_error, dtype=dtype,
+                                  batch_size=batch_size, num_workers=num_workers, device=device, backend=backend)
+    inputs = _inputs(dataset, spec, grid, dtype, backend)
+    return _extract_into(dataset, tower, Path(out_dir), inputs, batch_size=batch_size, on_error=on_error,
+                         grid=grid, dtype=dtype, num_workers=num_workers, progress=progress, device=dev,
+                         max_pixels=max_pixels, overwrite=overwrite, backend=backend)
+
+
+def _checked(dataset: CrossModalDataset, tower: ImageTower, tower_spec: Mapping[str, Any] | None, *, on_error: str,
+             dtype: str, batch_size: int, num_workers: int, device: Any, backend: str) -> tuple[torch.device, dict, str]:
+    """The extraction's arguments checked: ``(device, tower spec, resolved backend)``."""
     if on_error not in ("skip", "fail"):
         raise ConfigError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     if dtype not in DTYPES:
@@ -463,9 +538,13 @@ def extract_features(
         json.dumps(spec)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"tower_spec must be JSON-serialisable ({exc})") from None
-    source = _ImageSource(dataset, max_pixels)
-    inputs = _inputs(dataset, spec, grid, dtype)
+    return dev, spec, resolve_backend(backend, tower, dev, dataset.num_images)
 
+
+def _extract_into(dataset: CrossModalDataset, tower: ImageTower, out_dir: Path, inputs: dict, *, max_pixels: int | None,
+                  overwrite: bool, **kw: Any) -> FeatureSet:
+    """Extract into ``out_dir`` (or reuse / resume it) for checked arguments and ``inputs``."""
+    source = _ImageSource(dataset, max_pixels)
     if (out_dir / MANIFEST).is_file() and not overwrite:
         return _reuse_finished(out_dir, inputs)
 
@@ -475,23 +554,22 @@ def extract_features(
         if overwrite:
             _remove_feature_files(out_dir)
             partial.clear()
-        return _run(dataset, tower, source, partial, inputs, batch_size=batch_size, on_error=on_error,
-                    grid=grid, dtype=dtype, num_workers=num_workers, progress=progress, device=dev)
+        return _run(dataset, tower, source, partial, inputs, **kw)
     finally:
         partial.unlock()
 
 
 def _run(dataset: CrossModalDataset, tower: ImageTower, source: _ImageSource, partial: _Partial,
          inputs: dict, *, batch_size: int, on_error: str, grid: bool, dtype: str, num_workers: int,
-         progress: bool, device: torch.device) -> FeatureSet:
+         progress: bool, device: torch.device, backend: str) -> FeatureSet:
     """Extract (or resume) every image of ``dataset`` into ``partial``, then move the result into place."""
     n = dataset.num_images
     state = _start_or_resume(dataset, partial, inputs)
     if state["done"] >= n and (partial.dir / MANIFEST).is_file():
         return _finish(partial)  # interrupted while moving files into place
 
-    _extract_rows(dataset, tower, source, partial, state, batch_size=batch_size, on_error=on_error,
-                  grid=grid, dtype=dtype, num_workers=num_workers, progress=progress, device=device)
+    _extract_rows(dataset, Engine(tower, backend, device), source, partial, state, batch_size=batch_size,
+                  on_error=on_error, grid=grid, dtype=dtype, num_workers=num_workers, progress=progress)
 
     skipped: list[dict] = state["skipped"]
     if not state["shapes"]:
@@ -513,7 +591,7 @@ def _start_or_resume(dataset: CrossModalDataset, partial: _Partial, inputs: dict
     state: dict
     if partial.progress_path.is_file():
         state = _read_json(partial.progress_path)
-        if not isinstance(state, dict) or state.get("inputs") != inputs:
+        if not isinstance(state, dict) or not _same_inputs(state.get("inputs"), inputs):
             old = state.get("inputs") if isinstance(state, dict) else None
             diff = _first_difference(old, inputs) if isinstance(old, dict) else "unreadable progress file"
             raise DataError(f"{where(pdir)}holds a partial extraction made from other inputs ({diff}); "
@@ -551,9 +629,9 @@ def _open_arrays(pdir: Path, shapes: dict, dtype: str, create: bool) -> dict[str
     return arrays
 
 
-def _extract_rows(dataset: CrossModalDataset, tower: ImageTower, source: _ImageSource, partial: _Partial,
+def _extract_rows(dataset: CrossModalDataset, engine: Engine, source: _ImageSource, partial: _Partial,
                   state: dict, *, batch_size: int, on_error: str, grid: bool, dtype: str, num_workers: int,
-                  progress: bool, device: torch.device) -> None:
+                  progress: bool) -> None:
     """Run the tower over the images not done yet, writing rows and progress after every batch."""
     n = dataset.num_images
     pdir = partial.dir
@@ -564,9 +642,10 @@ def _extract_rows(dataset: CrossModalDataset, tower: ImageTower, source: _ImageS
                         "pass --overwrite (overwrite=True) to start again") from None
     arrays = _open_arrays(pdir, state["shapes"], dtype, create=False) if state["shapes"] else {}
 
+    tower = engine.tower
     was_training = tower.training
     tower.eval()
-    tower.to(device)
+    tower.to(engine.device)
     np_dtype = np.dtype(dtype)
     skipped: list[dict] = state["skipped"]
     elapsed0, t0 = float(state.get("elapsed_s", 0.0)), time.perf_counter()
@@ -581,7 +660,7 @@ def _extract_rows(dataset: CrossModalDataset, tower: ImageTower, source: _ImageS
                 lo, hi = int(batch.indices[0]), int(batch.indices[-1]) + 1
                 ok = _note_failures(batch, dataset, source, on_error, skipped)
                 if ok:
-                    pooled, tokens = _encode(tower, batch, ok, device, grid)
+                    pooled, tokens = _encode(engine, batch, ok, grid)
                     if not arrays:
                         shapes = {"pooled": [n, pooled.shape[1]]}
                         if grid:
@@ -627,14 +706,11 @@ def _note_failures(batch: _Batch, dataset: CrossModalDataset, source: _ImageSour
     return ok
 
 
-def _encode(tower: ImageTower, batch: _Batch, ok: list[int], device: torch.device,
-            grid: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _encode(engine: Engine, batch: _Batch, ok: list[int], grid: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """The tower's pooled vectors (b, D) and, with ``grid``, tokens (b, T, D) for the readable images."""
-    x = torch.stack([batch.pixels[k] for k in ok]).to(device)  # (b, 3, H, W)
-    out = tower(x)
-    pooled = out.pooled.float().cpu().numpy()
-    tokens = out.tokens.float().cpu().numpy() if grid else None
-    _check_output(out, pooled, tokens, len(ok))
+    x = torch.stack([batch.pixels[k] for k in ok])  # (b, 3, H, W)
+    pooled, tokens, mask_ok = engine(x, grid)
+    _check_output(mask_ok, pooled, tokens, len(ok))
     return pooled, tokens
 
 
@@ -654,13 +730,13 @@ def _rows_block(key: str, val: np.ndarray, row_shape: list[int], ok: list[int], 
     return block
 
 
-def _check_output(out, pooled: np.ndarray, tokens: np.ndarray | None, b: int) -> None:
+def _check_output(mask_ok: bool, pooled: np.ndarray, tokens: np.ndarray | None, b: int) -> None:
     if pooled.ndim != 2 or pooled.shape[0] != b:
         raise XmodalError(f"tower returned pooled of shape {list(pooled.shape)}, expected ({b}, D)")
     if tokens is not None:
         if tokens.ndim != 3 or tokens.shape[0] != b:
             raise XmodalError(f"tower returned tokens of shape {list(tokens.shape)}, expected ({b}, T, D)")
-        if out.mask is not None and not bool(out.mask.all()):
+        if not mask_ok:
             raise XmodalError("tower returned padded tokens (mask has False entries); a grid of varying "
                               "length cannot be stored, extract with grid=False (--no-grid)")
 
@@ -695,7 +771,7 @@ def _write_manifest(partial: _Partial, state: dict, dataset: CrossModalDataset, 
         "dtype": inputs["dtype"],
         "grid": inputs["grid"],
         "shapes": state["shapes"],
-        "image_ids_sha256": inputs["image_ids_sha256"],
+        "image_ids_sha256": ids_sha256(_read_json(pdir / "ids.json")),  # a cache entry's first user's ids
         "files": files,
         "skipped": state["skipped"],
         "inputs": inputs,
@@ -799,7 +875,8 @@ def extract_features_sharded(dataset: CrossModalDataset, tower: ImageTower, out_
     if dataset.num_images == 0:
         raise DataError(f"{dataset.name}/{dataset.split}: dataset has no images")
     spec = dict(tower_spec) if tower_spec is not None else _describe_tower(tower)
-    inputs = _inputs(dataset, spec, grid, dtype)
+    backend = resolve_backend(kw.pop("backend", "auto"), tower, device, dataset.num_images)  # as 1 process would
+    inputs = _inputs(dataset, spec, grid, dtype, backend)
     if (out_dir / MANIFEST).is_file() and not overwrite:
         return _reuse_finished(out_dir, inputs)
 
@@ -809,7 +886,7 @@ def extract_features_sharded(dataset: CrossModalDataset, tower: ImageTower, out_
     if hi > lo:
         extract_features(_ShardView(dataset, lo, hi), tower, shard_dir(env.rank),  # type: ignore[arg-type]
                          tower_spec=spec, batch_size=batch_size, grid=grid, dtype=dtype, overwrite=overwrite,
-                         progress=progress and env.is_main, device=device, **kw)
+                         progress=progress and env.is_main, device=device, backend=backend, **kw)
     barrier(env)  # every shard is complete
     if env.is_main:
         bounds = []
@@ -869,12 +946,89 @@ def _merge_shards(dataset: CrossModalDataset, out_dir: Path, inputs: dict,
 
 
 # --------------------------------------------------------------------------- cache and use
+_DIGESTS = ".digests"  # memo of image-file digests beside the cache entries
+_PIXEL_CHUNK = 512
+
+
+def _file_fingerprint(dataset: CrossModalDataset) -> tuple[list[Path | None], str]:
+    """The image files of ``dataset`` and a digest of their paths and ``stat`` (size, times, inode)."""
+    h = hashlib.sha256(b"xmodal-file-stat-1\0")
+    files: list[Path | None] = []
+    for i, rel in enumerate(dataset.image_paths or []):
+        path = None if rel is None else dataset.image_path(i)
+        files.append(path)
+        try:
+            st = os.stat(path) if path is not None else None
+            stamp = "none" if st is None else f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+        except OSError as exc:
+            stamp = f"error:{exc.errno}"
+        h.update(f"{path}\0{stamp}\0".encode("utf-8", "surrogatepass"))
+    return files, h.hexdigest()
+
+
+def _files_digest(files: list[Path | None]) -> str:
+    """sha256 over every file's bytes, in order (an unreadable or absent file counts as a marker)."""
+    h = hashlib.sha256(b"xmodal-image-bytes-1\0")
+    for path in files:
+        try:
+            h.update(b"file:" + bytes.fromhex(file_sha256(path)) if path is not None else b"none")
+        except OSError as exc:
+            h.update(f"unreadable:{exc.errno}".encode())  # extraction skips it, with its own reason
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def images_digest(dataset: CrossModalDataset, memo_root: str | Path | None = None) -> str:
+    """A digest of a dataset's images in row order, whatever they are called.
+
+    Image files: sha256 over each file's bytes; it is memoised under ``memo_root/.digests/`` by the
+    files' paths and ``stat`` (size, modification and change times, inode), so a second look reads
+    no image. A pixel accessor with ``load_pixels`` (the emoji pack): sha256 over the decoded
+    pixels. Other pixel accessors (tar shards) are named by the dataset, split, image paths and
+    ids, as their bytes cannot be read without decoding.
+    """
+    n = dataset.num_images
+    pixels = dataset.meta.get("pixels") if isinstance(dataset.meta, Mapping) else None
+    if pixels is not None and hasattr(pixels, "load_pixels"):
+        h = hashlib.sha256(f"xmodal-pixels-1\0{n}\0".encode())
+        try:
+            for lo in range(0, n, _PIXEL_CHUNK):
+                arr = np.ascontiguousarray(pixels.load_pixels(np.arange(lo, min(lo + _PIXEL_CHUNK, n))))
+                h.update(f"{arr.shape[1:]}{arr.dtype}\0".encode() + arr.tobytes())  # (k, H, W, 3) uint8
+            return "pixels-" + h.hexdigest()
+        except (XmodalError, OSError, ValueError, IndexError, KeyError):
+            pass  # a bad image among them: name the images instead, extraction reports it
+    if pixels is not None or dataset.image_paths is None:
+        blob = json.dumps([dataset.name, dataset.split, [str(p) for p in dataset.image_paths or []],
+                           list(dataset.image_ids)], ensure_ascii=False)
+        return "names-" + hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+    files, stamp = _file_fingerprint(dataset)
+    memo = (Path(memo_root).expanduser() if memo_root is not None else default_cache_root()) / _DIGESTS \
+        / f"{stamp[:32]}.json"
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        with open(memo, encoding="utf-8") as f:
+            found = json.load(f)
+        if found["stat_sha256"] == stamp and isinstance(found["images_sha256"], str):
+            return found["images_sha256"]
+    digest = "files-" + _files_digest(files)
+    with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
+        atomic_write_json(memo, {"stat_sha256": stamp, "images_sha256": digest, "num_images": n})
+    return digest
+
+
 def cache_key(dataset: CrossModalDataset, tower_spec: Mapping[str, Any], *, grid: bool = True,
-              dtype: str = "float16") -> str:
-    """16 hex digits naming a cache folder for this tower spec, dataset split and output form."""
-    blob = json.dumps({"tower": dict(tower_spec), "grid": bool(grid), "dtype": dtype}, sort_keys=True)
-    h = hashlib.sha256()
-    for part in (blob, dataset.name, dataset.split, ids_sha256(dataset.image_ids)):
+              dtype: str = "float16", backend: str = "eager", cache_root: str | Path | None = None) -> str:
+    """16 hex digits naming a cache folder: the images' content (:func:`images_digest`, not the
+    dataset's name, split or ids), the tower spec, the output form and a non-eager backend."""
+    return _content_key(images_digest(dataset, cache_root), tower_spec, grid=grid, dtype=dtype, backend=backend)
+
+
+def _content_key(digest: str, tower_spec: Mapping[str, Any], *, grid: bool, dtype: str, backend: str) -> str:
+    form = {"tower": dict(tower_spec), "grid": bool(grid), "dtype": dtype}
+    if backend != "eager":  # eager entries keep the keys they had before backends existed
+        form["backend"] = backend
+    h = hashlib.sha256(b"xmodal-feature-cache-2\0")
+    for part in (json.dumps(form, sort_keys=True), digest):
         h.update(part.encode("utf-8"))
         h.update(b"\0")
     return h.hexdigest()[:16]
@@ -885,15 +1039,35 @@ def cached_features(dataset: CrossModalDataset, tower: ImageTower, tower_spec: M
     """Extract into (or reuse) ``cache_root / cache_key(...)``; see :func:`extract_features` for ``kw``.
 
     ``tower_spec`` must identify the tower fully (name, weights, image size, ...): two towers
-    with the same spec share a cache entry.
+    with the same spec share a cache entry, and so do two datasets with the same images in the
+    same order (an English table and its multilingual copy). The result is labelled with this
+    dataset's image ids and paths.
     """
     if "tower_spec" in kw:
         raise ConfigError("cached_features takes tower_spec as its third argument, not as a keyword")
     root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
-    key = cache_key(dataset, tower_spec, grid=kw.get("grid", True), dtype=kw.get("dtype", "float16"))
-    out = root / key
+    grid, dtype = kw.pop("grid", True), kw.pop("dtype", "float16")
+    on_error, batch_size, num_workers = kw.pop("on_error", "skip"), kw.pop("batch_size", 64), kw.pop("num_workers", 0)
+    dev, spec, backend = _checked(dataset, tower, tower_spec, on_error=on_error, dtype=dtype, batch_size=batch_size,
+                                  num_workers=num_workers, device=kw.pop("device", "cpu"),
+                                  backend=kw.pop("backend", "auto"))
+    digest = images_digest(dataset, root)
+    out = root / _content_key(digest, spec, grid=grid, dtype=dtype, backend=backend)
     log.info("feature cache for %s/%s: %s", dataset.name, dataset.split, out)
-    return extract_features(dataset, tower, out, tower_spec=tower_spec, **kw)
+    inputs = _content_inputs(digest, dataset.num_images, spec, grid, dtype, backend)
+    fs = _extract_into(dataset, tower, out, inputs, max_pixels=kw.pop("max_pixels", DEFAULT_MAX_PIXELS),
+                       overwrite=kw.pop("overwrite", False), batch_size=batch_size, on_error=on_error, grid=grid,
+                       dtype=dtype, num_workers=num_workers, progress=kw.pop("progress", True), device=dev,
+                       backend=backend, **kw)
+    return _relabelled(fs, dataset)
+
+
+def _relabelled(fs: FeatureSet, dataset: CrossModalDataset) -> FeatureSet:
+    """``fs`` (same images, same order) with ``dataset``'s ids, and its paths in the skip list."""
+    source = _ImageSource(dataset, None)
+    skipped = [{**s, "id": dataset.image_ids[int(s["index"])], "path": source.label(int(s["index"]))}
+               for s in fs.skipped]
+    return dataclasses.replace(fs, ids=list(dataset.image_ids), manifest={**fs.manifest, "skipped": skipped})
 
 
 def apply_valid(dataset: CrossModalDataset, features: FeatureSet, *, use: str = "pooled") -> CrossModalDataset:
@@ -924,4 +1098,5 @@ def apply_valid(dataset: CrossModalDataset, features: FeatureSet, *, use: str = 
 
 
 __all__ = ["FeatureSet", "extract_features", "extract_features_sharded", "cached_features", "cache_key", "apply_valid",
+           "images_digest",
            "default_cache_root", "ids_sha256", "DATA_FILES", "MANIFEST"]

@@ -9,6 +9,7 @@ convention for retrieval datasets (icons, emoji, product photos on white).
 """
 from __future__ import annotations
 
+import io
 import logging
 import struct
 import threading
@@ -110,7 +111,7 @@ def _not_an_image(formats) -> str:
 
 
 def open_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, mode: str = "RGB",
-               formats: tuple[str, ...] | list[str] | None = None) -> Image.Image:
+               formats: tuple[str, ...] | list[str] | None = None, data: bytes | None = None) -> Image.Image:
     """Open, check and fully decode one image; returns a new in-memory image in ``mode``.
 
     ``max_pixels`` (None = no limit of ours) is checked against the header's width x height
@@ -118,10 +119,12 @@ def open_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     above twice that value) still applies on top. For modes without alpha ("RGB", "L"),
     transparent images are composited onto white. Raises :class:`ImageLoadError` (a
     :class:`~xmodal.errors.DataError`) for missing, unreadable, unrecognised, oversized,
-    truncated or corrupt files.
+    truncated or corrupt files. ``data``: the image's bytes when they come from elsewhere than a
+    file (a member of a tar shard); ``path`` then only names the image in messages.
     """
     path = Path(path)
-    _check_file(path)
+    if data is None:
+        _check_file(path)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone switched Pillow to silently pad truncated files with grey; say so once.
         log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated images will not be detected")
@@ -129,7 +132,7 @@ def open_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
         # Image.open is lazy: it parses the header only, so the size check below is cheap.
         with _WARN_LOCK, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
-            img = Image.open(path, formats=_allowed_formats(formats))
+            img = Image.open(path if data is None else io.BytesIO(data), formats=_allowed_formats(formats))
         for w in caught:
             if issubclass(w.category, Image.DecompressionBombWarning):
                 log.debug("%s: %s", path, w.message)

@@ -153,14 +153,6 @@ def _tower_spec(tcfg, tower=None) -> dict:
     return spec
 
 
-def _image_source_spec(tcfg, ds: CrossModalDataset, tower=None) -> dict:
-    """Tower spec plus where the pixels come from, so a fixed image root gets a new cache entry."""
-    h = hashlib.sha256(str(ds.root).encode())
-    for p in ds.image_paths or []:
-        h.update(str(p).encode("utf-8", "surrogatepass") + b"\0")
-    return {**_tower_spec(tcfg, tower), "images": h.hexdigest()[:16]}
-
-
 def image_inputs(cfg, model, ds: CrossModalDataset, head_input: str, progress: bool = True) -> tuple[CrossModalDataset, Any]:
     tower = model.tower("image")
     kind = tower.input_kind if tower is not None else "features"
@@ -168,7 +160,8 @@ def image_inputs(cfg, model, ds: CrossModalDataset, head_input: str, progress: b
         if cfg.model.image.frozen:
             from .features import apply_valid, cached_features
 
-            fs = cached_features(ds, tower, _image_source_spec(cfg.model.image, ds, tower),
+            # keyed by the images' content and the tower: a copy of the table elsewhere shares the entry
+            fs = cached_features(ds, tower, _tower_spec(cfg.model.image, tower),
                                  cache_root=cache_root() / "features", grid=(head_input == "tokens"),
                                  batch_size=cfg.train.extract_batch_size, progress=progress,
                                  on_error=cfg.data.on_bad_image)

@@ -10,6 +10,7 @@ constructors in :data:`xmodal.models.base.MODELS`.
 from __future__ import annotations
 
 from . import adapt, aladin, cross_encoder, dual  # noqa: F401  (register their model types)
+from . import pretrained  # noqa: F401  (registers the pretrained_image / pretrained_text towers)
 from .base import MODELS, EmbeddingScorer, PairScorer, Scorer
 from .run import Run, create_model, list_models, load
 

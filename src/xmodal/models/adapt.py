@@ -37,9 +37,13 @@ eager ops), with the regions of an image kept in cache while all captions of a b
 The conditioning side's ``[gamma + 1, beta, unit vector]`` is part of its representation,
 computed once per caption (T2I) or image (I2T). ``fused="auto"`` compiles once a call is
 large enough to repay the seconds compilation costs (``AUTO_COMPILE_MIN_WORK``).
-Training uses a custom autograd function with the analytic gradient
-(``dE_p[x]/dk = Var_p[x]``, ``dE_p[x]/dx_r = p_r (1 + k (x_r - E_p[x]))``), so memory is
-``O(Ni * Nt * D)`` instead of ``O(Ni * Nt * R * D)``.
+Training goes through one custom autograd function for both directions (:class:`_AdaptScore`)
+that fuses the whole score, Fovea to cosine, with its analytic gradient (T2I:
+``dE_p[x]/dk = Var_p[x]``, ``dE_p[x]/dx_r = p_r (1 + k (x_r - E_p[x]))``; I2T: the arg-max
+word's terms, see :func:`_i2t_train_bwd`): the forward keeps three ``(Ni, Nt, D)``
+statistics, the backward recomputes ``exp`` once, so memory is ``O(Ni * Nt * D)`` instead of
+``O(Ni * Nt * R * D)``; tokens are processed in chunks sorted by length and trimmed to the
+chunk's longest item, so padding (a text cache is padded to its longest caption) costs nothing.
 """
 from __future__ import annotations
 
@@ -51,7 +55,6 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, XmodalError
 from .base import MODEL_ARGS, MODELS, FrozenTowers, PairScorer, TowerOutput, parse_model_args
@@ -66,6 +69,9 @@ _FUSED = ("auto", "compile", "eager")
 #: ``fused="auto"`` compiles once a call's work (pairs x tokens x channels) reaches this:
 #: compiling costs seconds once per process, eager ops are fine for small batches.
 AUTO_COMPILE_MIN_WORK = 1 << 28
+#: the same bound for a training step: training repeats the step hundreds of times, so
+#: compiling (once per process) pays off from batches far smaller than one scoring call
+AUTO_COMPILE_MIN_TRAIN_WORK = 1 << 24
 #: Working set of one eager chunk: eager ops stream token-sized intermediates through memory
 #: several times, so chunks stay near the last-level cache.
 EAGER_CHUNK_BYTES = 16 << 20
@@ -194,27 +200,6 @@ def _t2i_rows(x, bias, k, xext, scale, shift, chat, fused: bool = True):
     return (v * chat).sum(-1) / v.norm(dim=-1).clamp_min(EPS)
 
 
-def _t2i_moments(x, bias, k, xext, fused: bool = True):
-    """``(Z, S1, S2)`` each (Ni, Nt, D): sums over regions of ``e``, ``e d`` and ``e d^2``."""
-    d = x[:, None] - xext[:, :, None]  # (Ni, Nt, R, D)
-    y = d * k[None, :, None] + bias[:, None, :, None]
-    e = torch.exp(y)
-    if fused:
-        return e.sum(2), (torch.exp(y) * d).sum(2), (torch.exp(y) * d * d).sum(2)
-    z = e.sum(2)
-    ed = e.mul_(d)
-    s1 = ed.sum(2)
-    return z, s1, ed.mul_(d).sum(2)
-
-
-def _t2i_grad_x(x, bias, k, xext, a, mc, fused: bool = True):
-    """``sum_t a e (1 + k (d - mc))`` (Ni, R, D): the regions' gradient of ``E_p[x]``."""
-    d = x[:, None] - xext[:, :, None]  # (Ni, Nt, R, D)
-    y = d * k[None, :, None] + bias[:, None, :, None]
-    w = a[:, :, None] * (1.0 + k[None, :, None] * (d - mc[:, :, None]))
-    return (torch.exp(y) * w).sum(1)
-
-
 def _i2t_scores(x, bias, k, xext, scale, shift, qhat, fused: bool = True):
     """ADAPT-I2T scores ``(Nt, Ni)`` (transposed by the caller).
 
@@ -244,6 +229,96 @@ def _i2t_rows(x, bias, k, xext, scale, shift, qhat, fused: bool = True):
     a = x[:, None] * scale[:, :, None] + shift[:, :, None]
     v = (e2 * a + bias[:, None, :, None]).amax(2) / z
     return (v * qhat).sum(-1) / v.norm(dim=-1).clamp_min(EPS)
+
+
+# training kernels: one pass over the tokens each (moments forward, token gradient backward),
+# and the per-pair epilogue over (pairs, D) apart, so inductor keeps each loop nest simple
+def _t2i_moments(x, bias, k, xext, fused: bool = True):
+    """``(Z, S1, S2)`` each (Ni, Nt, D): sums over regions of ``e``, ``e d`` and ``e d^2``."""
+    d = x[:, None] - xext[:, :, None]  # (Ni, Nt, R, D)
+    y = d * k[None, :, None] + bias[:, None, :, None]
+    e = torch.exp(y)
+    if fused:
+        return e.sum(2), (torch.exp(y) * d).sum(2), (torch.exp(y) * d * d).sum(2)
+    z = e.sum(2)
+    ed = e.mul_(d)
+    s1 = ed.sum(2)
+    return z, s1, ed.mul_(d).sum(2)
+
+
+def _t2i_pool(xext, z, s1, s2, scale, shift, chat, fused: bool = True):
+    """Scores, ``|v|``, ``m = E_p[x]`` and ``Var_p[x]`` of a tile from its moments."""
+    mc = s1 / z  # (Ni, Nt, D) mean relative to the shift
+    var = (s2 / z - mc * mc).clamp_min(0.0)
+    m = xext + mc
+    v = scale * m + shift  # (Ni, Nt, D) pooled adapted image vectors
+    n = v.norm(dim=-1).clamp_min(EPS)
+    return (v * chat).sum(-1) / n, n, m, var
+
+
+def _t2i_pool_bwd(scale, shift, chat, smooth, z, m, var, n, s, g, fused: bool = True):
+    """From ``g = dL/dscore`` (Ni, Nt): the regions' weight ``a = dL/dm * scale / Z`` (Ni, Nt, D)
+    and the gradients of ``chat``, ``shift``, ``scale``, ``k`` summed over the tile's images.
+
+    ``v = scale * m + shift``, ``dscore/dv = (chat - s v / |v|) / |v|``, ``dm/dk = Var_p[x]``.
+    """
+    v = scale * m + shift
+    gn = (g / n)[..., None]  # (Ni, Nt, 1)
+    gv = gn * (chat - (s / n)[..., None] * v)  # (Ni, Nt, D) gradient of v
+    g_k = (gv * scale * var).sum(0)
+    return gv * scale / z, (gn * v).sum(0), gv.sum(0), (gv * m).sum(0) + smooth * g_k, g_k
+
+
+def _t2i_grad_x(x, bias, k, xext, a, m, fused: bool = True):
+    """``sum_t a e (1 + k (x - m))`` (Ni, R, D): the regions' gradient, ``dm/dx_r = p_r (1 + k (x_r - m))``."""
+    d = x[:, None] - xext[:, :, None]  # (Ni, Nt, R, D)
+    y = d * k[None, :, None] + bias[:, None, :, None]
+    w = a[:, :, None] * (1.0 + k[None, :, None] * (x[:, None] - m[:, :, None]))
+    return (torch.exp(y) * w).sum(1)
+
+
+def _i2t_moments(w, bias, k, xext, scale, shift, fused: bool = True):
+    """``Z``, ``S1 = sum e d`` and the max of ``e a`` over words with its arg-max (Nt, Ni, D)."""
+    d = w[:, None] - xext[:, :, None]  # (Nt, Ni, L, D)
+    y = d * k[None, :, None] + bias[:, None, :, None]
+    e1, e2 = _exp_pair(y, fused)
+    e3 = torch.exp(y) if fused else e1
+    a = w[:, None] * scale[None, :, None] + shift[None, :, None]  # adapted words
+    mx, arg = (e3 * a + bias[:, None, :, None]).max(2)  # padded words -> -inf
+    return e1.sum(2), (e2 * d).sum(2), mx, arg
+
+
+def _i2t_pool(xext, z, s1, mx, qhat, fused: bool = True):
+    """Scores, ``|v|`` (Nt, Ni) and ``E_p[w]`` (Nt, Ni, D) of a tile."""
+    v = mx / z  # (Nt, Ni, D) max over words of softmax(smooth a) * a
+    n = v.norm(dim=-1).clamp_min(EPS)
+    return (v * qhat).sum(-1) / n, n, xext + s1 / z
+
+
+def _i2t_pool_bwd(ws, xext, scale, shift, qhat, smooth, z, ex, n, s, g, fused: bool = True):
+    """From ``g`` (Nt, Ni) and the arg-max words ``ws`` (Nt, Ni, D): the words' terms ``c``,
+    ``hit`` and the gradients of ``qhat``, ``shift``, ``scale``, ``k`` summed over captions.
+
+    ``v = p* a*``: ``dv/dshift = p*``, ``dv/dk = p* a* (w* - E_p[w])``,
+    ``dv/dscale = p* w* + smooth dv/dk``, ``dv/dw_l = p* ([l = w*] (k a* + scale) - k a* p_l)``.
+    """
+    k = smooth * scale  # (Ni, D)
+    ps = torch.exp(k * (ws - xext)) / z
+    astar = ws * scale + shift
+    v = ps * astar
+    gn = (g / n)[..., None]  # (Nt, Ni, 1)
+    gp = gn * (qhat - (s / n)[..., None] * v) * ps  # gradient of v, times p*
+    g_k = (gp * astar * (ws - ex)).sum(0)
+    return (gp * k * astar / z, gp * (k * astar + scale), (gn * v).sum(0), gp.sum(0),
+            (gp * ws).sum(0) + smooth * g_k, g_k)
+
+
+def _i2t_grad_w(w, bias, k, xext, c, hit, arg, fused: bool = True):
+    """``sum_i [l = w*] hit - c e_l`` (Nt, L, D): the words' gradient."""
+    d = w[:, None] - xext[:, :, None]  # (Nt, Ni, L, D)
+    y = d * k[None, :, None] + bias[:, None, :, None]
+    word = torch.arange(w.shape[1], device=w.device)[None, None, :, None]  # (1, 1, L, 1)
+    return (torch.where(word == arg[:, :, None], hit[:, :, None], 0.0) - c[:, :, None] * torch.exp(y)).sum(1)
 
 
 class _Kernel:
@@ -277,9 +352,53 @@ _K_T2I = _Kernel(_t2i_scores)
 _K_ROWS_PREP = _Kernel(_rows_prep)
 _K_T2I_ROWS = _Kernel(_t2i_rows)
 _K_T2I_MOMENTS = _Kernel(_t2i_moments)
+_K_T2I_POOL = _Kernel(_t2i_pool)
+_K_T2I_POOL_BWD = _Kernel(_t2i_pool_bwd)
 _K_T2I_GRAD_X = _Kernel(_t2i_grad_x)
 _K_I2T = _Kernel(_i2t_scores)
 _K_I2T_ROWS = _Kernel(_i2t_rows)
+_K_I2T_MOMENTS = _Kernel(_i2t_moments)
+_K_I2T_POOL = _Kernel(_i2t_pool)
+_K_I2T_POOL_BWD = _Kernel(_i2t_pool_bwd)
+_K_I2T_GRAD_W = _Kernel(_i2t_grad_w)
+
+
+def _t2i_train_fwd(x, bias, xmax, xmin, scale, shift, chat, smooth, compiled: bool):
+    """ADAPT-T2I training forward of one tile: scores and ``|v|`` (Ni, Nt) and the statistics
+    the backward needs, ``Z``, ``m = E_p[x]``, ``Var_p[x]`` (Ni, Nt, D)."""
+    k = smooth * scale  # (Nt, D)
+    xext = _shift(k, xmax, xmin)  # (Ni, Nt, D)
+    z, s1, s2 = _K_T2I_MOMENTS(x, bias, k, xext, compiled=compiled)
+    s, n, m, var = _K_T2I_POOL(xext, z, s1, s2, scale, shift, chat, compiled=compiled)
+    return s, n, z, m, var
+
+
+def _t2i_train_bwd(x, bias, xmax, xmin, scale, shift, chat, smooth, z, m, var, n, s, g, compiled: bool):
+    """ADAPT-T2I backward of one tile: gradients of ``x`` (Ni, R, D) and of ``chat``, ``shift``,
+    ``scale``, ``k`` (Nt, D, summed over the tile's images)."""
+    k = smooth * scale
+    a, *rest = _K_T2I_POOL_BWD(scale, shift, chat, smooth, z, m, var, n, s, g, compiled=compiled)
+    return (_K_T2I_GRAD_X(x, bias, k, _shift(k, xmax, xmin), a, m, compiled=compiled), *rest)
+
+
+def _i2t_train_fwd(w, bias, wmax, wmin, scale, shift, qhat, smooth, compiled: bool):
+    """ADAPT-I2T training forward of one tile, captions first: scores and ``|v|`` (Nt, Ni),
+    ``Z``, ``E_p[w]`` and the arg-max word per channel (Nt, Ni, D)."""
+    k = smooth * scale  # (Ni, D)
+    xext = _shift(k, wmax, wmin)  # (Nt, Ni, D)
+    z, s1, mx, arg = _K_I2T_MOMENTS(w, bias, k, xext, scale, shift, compiled=compiled)
+    s, n, ex = _K_I2T_POOL(xext, z, s1, mx, qhat, compiled=compiled)
+    return s, n, z, ex, arg
+
+
+def _i2t_train_bwd(w, bias, wmax, wmin, scale, shift, qhat, smooth, z, ex, arg, n, s, g, compiled: bool):
+    """ADAPT-I2T backward of one tile: gradients of ``w`` (Nt, L, D) and of ``qhat``, ``shift``,
+    ``scale``, ``k`` (Ni, D, summed over the tile's captions)."""
+    k = smooth * scale
+    ws = torch.gather(w, 1, arg)  # (Nt, Ni, D) the arg-max words
+    xext = _shift(k, wmax, wmin)  # (Nt, Ni, D)
+    c, hit, *rest = _K_I2T_POOL_BWD(ws, xext, scale, shift, qhat, smooth, z, ex, n, s, g, compiled=compiled)
+    return (_K_I2T_GRAD_W(w, bias, k, xext, c, hit, arg, compiled=compiled), *rest)
 
 
 def compile_available() -> bool:
@@ -354,37 +473,81 @@ def _bias(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
 
 
-class _FoveaMean(torch.autograd.Function):
-    """``E_p[x]`` (Ni, Nt, D) with ``p = softmax_r(k_t * x_i)``, and its analytic gradient."""
+def _owner_chunks(mask: torch.Tensor | None, n: int, length: int,
+                  size: int) -> tuple[torch.Tensor | None, list[tuple[slice, int]]]:
+    """``(order, chunks)``: items sorted by their number of real tokens (``order`` is None
+    without padding) and contiguous chunks of at most ``size`` sorted items, each with the
+    token count it needs, so a chunk is trimmed to its longest item and the work follows the
+    real token counts, not the batch's padded width."""
+    if mask is None:
+        return None, [(sl, length) for sl in _slices(n, size)]
+    lengths = mask.sum(1)  # (N,)
+    order = torch.argsort(lengths, stable=True)
+    ordered = lengths[order]
+    return order, [(sl, int(ordered[sl].max())) for sl in _slices(n, size)]
+
+
+class _AdaptScore(torch.autograd.Function):
+    """ADAPT scores ``(N_tok, N_cond)`` for training, with the analytic gradient, fused.
+
+    ``tok`` (N_tok, L, D) are the adapted side's tokens (T2I: regions, I2T: words); ``scale``,
+    ``shift``, ``unit`` (N_cond, D) the conditioning side's ``gamma + 1``, ``beta`` and unit
+    vector; ``smooth`` the Fovea smoothing (0-d). ``kernels`` is the direction's
+    ``(forward, backward)`` pair. Work runs over chunks of tokens sorted by length and trimmed
+    to the chunk's longest item; the forward keeps three ``(N_tok, N_cond, D)`` statistics
+    and the backward recomputes ``exp`` once, so no ``(N_tok, N_cond, L, D)`` tensor is kept
+    (compiled: none is ever written).
+    """
 
     @staticmethod
-    def forward(ctx, x, bias, k, xmax, xmin, compiled, max_pairs):  # type: ignore[override]
-        xext = _shift(k, xmax, xmin)  # (Ni, Nt, D)
-        ni, nt = x.shape[0], k.shape[0]
-        z = x.new_empty(ni, nt, x.shape[2])
-        s1, s2 = torch.empty_like(z), torch.empty_like(z)
-        for si, st in _grid(ni, nt, max_pairs):
-            z[si, st], s1[si, st], s2[si, st] = _K_T2I_MOMENTS(x[si], bias[si], k[st], xext[si, st],
-                                                              compiled=compiled)
-        mc = s1 / z  # mean relative to the shift
-        var = (s2 / z - mc * mc).clamp_min_(0.0)
-        ctx.save_for_backward(x, bias, k, xext, z, mc, var)
-        ctx.compiled, ctx.max_pairs = compiled, max_pairs
-        return xext + mc
+    def forward(ctx, tok, scale, shift, unit, smooth, mask, kernels, compiled, max_pairs):  # type: ignore[override]
+        nk, length, dim = tok.shape
+        nc = scale.shape[0]
+        # unpadded tokens run in as few tiles as memory allows (compiled: one, no copies),
+        # padded ones in chunks of 16 sorted by length
+        order, chunks = _owner_chunks(mask, nk, length, max(1, min(nk if mask is None else 16, max_pairs // max(1, nc))))
+        if order is not None:
+            tok, mask = tok[order], mask[order]  # (N_tok, L, D) sorted by real token count
+        bias = _bias(mask, tok)
+        tmax, tmin = _extremes(tok, mask)
+        if len(chunks) == 1 and max_pairs >= nk * nc:  # one call: its outputs are the buffers
+            out, n, *stats = kernels[0](tok, bias, tmax, tmin, scale, shift, unit, smooth, compiled=compiled)
+            chunks = [(slice(0, nk), length)]
+        else:
+            out, n = tok.new_empty(nk, nc), tok.new_empty(nk, nc)
+            stats: list[torch.Tensor] = []
+            for sl, lc in chunks:
+                for st in _slices(nc, max(1, max_pairs // (sl.stop - sl.start))):
+                    res = kernels[0](tok[sl, :lc], bias[sl, :lc], tmax[sl], tmin[sl], scale[st], shift[st],
+                                     unit[st], smooth, compiled=compiled)
+                    if not stats:
+                        stats = [torch.empty((nk, nc, dim), dtype=r.dtype, device=tok.device) for r in res[2:]]
+                    for buf, r in zip([out, n, *stats], res):
+                        buf[sl, st] = r
+        ctx.save_for_backward(tok, scale, shift, unit, smooth, bias, tmax, tmin, n, out, *stats)
+        ctx.kernels, ctx.compiled, ctx.max_pairs, ctx.chunks, ctx.order = kernels, compiled, max_pairs, chunks, order
+        return out if order is None else torch.empty_like(out).index_copy_(0, order, out)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, bias, k, xext, z, mc, var = ctx.saved_tensors
-        grad_x = grad_k = None
-        if ctx.needs_input_grad[2]:
-            grad_k = (grad * var).sum(0)  # dE/dk = Var_p[x]
-        if ctx.needs_input_grad[0]:
-            a = grad / z
-            grad_x = torch.zeros_like(x)
-            for si, st in _grid(x.shape[0], k.shape[0], ctx.max_pairs):
-                grad_x[si] += _K_T2I_GRAD_X(x[si], bias[si], k[st], xext[si, st], a[si, st], mc[si, st],
-                                            compiled=ctx.compiled)
-        return grad_x, None, grad_k, None, None, None, None
+        tok, scale, shift, unit, smooth, bias, tmax, tmin, n, out, *stats = ctx.saved_tensors
+        order = ctx.order
+        grad = grad if order is None else grad[order]  # in the sorted order of the tokens
+        g_tok = torch.zeros_like(tok)
+        acc = [torch.zeros_like(scale) for _ in range(4)]  # unit, shift, scale, k
+        for sl, lc in ctx.chunks:
+            for st in _slices(scale.shape[0], max(1, ctx.max_pairs // (sl.stop - sl.start))):
+                per_pair = [x[sl, st] for x in (*stats, n, out, grad)]
+                res = ctx.kernels[1](tok[sl, :lc], bias[sl, :lc], tmax[sl], tmin[sl], scale[st], shift[st],
+                                     unit[st], smooth, *per_pair, compiled=ctx.compiled)
+                g_tok[sl, :lc] += res[0]
+                for a, r in zip(acc, res[1:]):
+                    a[st] += r
+        if order is not None:
+            g_tok = torch.empty_like(g_tok).index_copy_(0, order, g_tok)
+        g_unit, g_shift, g_scale, g_k = acc
+        g_smooth = (g_k * scale).sum().reshape(smooth.shape) if ctx.needs_input_grad[4] else None
+        return g_tok, g_scale, g_shift, g_unit, g_smooth, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------
@@ -399,74 +562,6 @@ def _token_projection(in_dim: int | None, dim: int) -> nn.Linear | None:
     nn.init.uniform_(fc.weight, -bound, bound)
     nn.init.zeros_(fc.bias)
     return fc
-
-
-def _i2t_probs(w: torch.Tensor, mask: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor,
-               smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fovea weights ``p`` and adapted words ``a``, each ``(Ni, Nt, L, D)``, for words ``w``
-    ``(Nt, L, D)`` conditioned on images ``scale``/``shift`` ``(Ni, D)``."""
-    logits = (smooth * scale)[:, None, None, :] * w[None]  # the shift cancels in the softmax
-    if mask is not None:
-        logits = logits.masked_fill(~mask[None, :, :, None], float("-inf"))
-    a = w[None] * scale[:, None, None, :] + shift[:, None, None, :]
-    return torch.softmax(logits, dim=2), a
-
-
-class _FoveaMaxI2T(torch.autograd.Function):
-    """ADAPT-I2T's pooled caption vectors ``v[i, t] = max_w p_w a_w`` ``(Ni, Nt, D)`` with the
-    analytic gradient, computed over chunks of captions.
-
-    With ``w*`` the arg-max word, ``v = p_{w*} a_{w*}``, ``k = smooth * scale``::
-
-        dv/dshift = p_{w*}
-        dv/dscale = p_{w*} x_{w*} + a_{w*} p_{w*} smooth (x_{w*} - E_p[x])
-        dv/dx_w   = p_{w*} (delta_{w w*} (k a_{w*} + scale) - k a_{w*} p_w)
-
-    so the forward keeps ``w*``, ``p_{w*}`` and ``E_p[x]`` (each ``(Ni, Nt, D)``) and the
-    backward recomputes ``p`` once: two passes over ``(Ni, Nt, L, D)`` instead of autograd's
-    checkpointed recomputation and its stored intermediates.
-    """
-
-    @staticmethod
-    def forward(ctx, w, mask, scale, shift, smooth, max_pairs):  # type: ignore[override]
-        ni, (nt, length, d) = scale.shape[0], w.shape
-        v = w.new_empty(ni, nt, d)
-        arg = torch.empty(ni, nt, d, dtype=torch.long, device=w.device)
-        pstar, ex = w.new_empty(ni, nt, d), w.new_empty(ni, nt, d)
-        for st in _slices(nt, max(1, max_pairs // max(1, ni))):
-            mc = None if mask is None else mask[st]
-            p, a = _i2t_probs(w[st], mc, scale, shift, smooth)  # (Ni, b, L, D)
-            u = p * a
-            if mc is not None:
-                u = u.masked_fill(~mc[None, :, :, None], float("-inf"))
-            v[:, st], arg[:, st] = u.max(dim=2)
-            pstar[:, st] = p.gather(2, arg[:, st, None]).squeeze(2)
-            ex[:, st] = (p * w[st][None]).sum(2)
-        ctx.save_for_backward(w, mask, scale, shift, arg, pstar, ex)
-        ctx.smooth, ctx.max_pairs = smooth, max_pairs
-        return v
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        w, mask, scale, shift, arg, pstar, ex = ctx.saved_tensors
-        smooth = ctx.smooth
-        ni, (nt, length, d) = scale.shape[0], w.shape
-        k = smooth * scale  # (Ni, D)
-        gw, gs, gb = torch.zeros_like(w), torch.zeros_like(scale), torch.zeros_like(shift)
-        for st in _slices(nt, max(1, ctx.max_pairs // max(1, ni))):
-            mc = None if mask is None else mask[st]
-            p, _ = _i2t_probs(w[st], mc, scale, shift, smooth)  # (Ni, b, L, D)
-            g, ia, ps, e = grad[:, st], arg[:, st], pstar[:, st], ex[:, st]
-            xs = w[st][None].expand(ni, -1, -1, -1).gather(2, ia[:, :, None]).squeeze(2)  # (Ni, b, D) x_{w*}
-            astar = xs * scale[:, None] + shift[:, None]
-            gp = g * ps
-            gb += gp.sum(1)
-            gs += (gp * (xs + astar * smooth * (xs - e))).sum(1)
-            c = gp * k[:, None] * astar  # (Ni, b, D)
-            gx = -(c[:, :, None, :] * p).sum(0)  # (b, L, D)
-            hit = torch.zeros_like(p).scatter_(2, ia[:, :, None], (gp * (k[:, None] * astar + scale[:, None]))[:, :, None])
-            gw[st] = gx + hit.sum(0)
-        return gw, None, gs, gb, None, None
 
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -548,10 +643,10 @@ class Adapt(FrozenTowers, PairScorer):
     def _device(self) -> torch.device:
         return self.adapt.fc_gamma.weight.device
 
-    def _compiled(self, work: int, kernel: "_Kernel") -> bool:
+    def _compiled(self, work: int, kernel: "_Kernel", min_work: int = AUTO_COMPILE_MIN_WORK) -> bool:
         if self.fused == "eager" or not compile_available():
             return False
-        return self.fused == "compile" or kernel.ready or work >= AUTO_COMPILE_MIN_WORK
+        return self.fused == "compile" or kernel.ready or work >= min_work
 
     # towers -------------------------------------------------------------------------
     def _image_features(self, images: Any) -> TowerOutput:
@@ -648,15 +743,11 @@ class Adapt(FrozenTowers, PairScorer):
         ni, r, d = x.shape
         nt = cond.shape[0]
         scale, shift, chat = self._split(cond)  # (Nt, D) each
+        if self._needs_grad(x, cond):
+            return self._score_train(x, mask, scale, shift, chat, (_t2i_train_fwd, _t2i_train_bwd, _K_T2I_MOMENTS))
         k = self.fovea.smooth * scale
         bias = _bias(mask, x)
-        xmax, xmin = _extremes(x.detach(), mask)
-        if self._needs_grad(x, cond):
-            compiled = self._compiled(ni * nt * r * d, _K_T2I_MOMENTS)
-            per_pair = 4 * d * (3 if compiled else 4 * r)
-            m = _FoveaMean.apply(x, bias, k, xmax, xmin, compiled, self._max_pairs(per_pair, compiled))  # (Ni, Nt, D)
-            v = scale * m + shift
-            return (v * chat).sum(-1) / v.norm(dim=-1).clamp_min(EPS)
+        xmax, xmin = _extremes(x, mask)
         compiled = self._compiled(ni * nt * r * d, _K_T2I)
         out = x.new_empty(ni, nt)
         per_pair = 4 * d * (4 if compiled else 3 * r)
@@ -670,17 +761,8 @@ class Adapt(FrozenTowers, PairScorer):
         nt, length, d = w.shape
         ni = cond.shape[0]
         scale, shift, qhat = self._split(cond)  # (Ni, D) each
-        if self._needs_grad(w, cond) and not self.fovea.train_smooth:
-            # analytic gradient over chunks of captions (see _FoveaMaxI2T)
-            v = _FoveaMaxI2T.apply(w, mask, scale, shift, float(self.fovea.smooth),
-                                   self._max_pairs(4 * d * length * 6, compiled=False))  # (Ni, Nt, D)
-            return (v * qhat[:, None]).sum(-1) / v.norm(dim=-1).clamp_min(EPS)
         if self._needs_grad(w, cond):
-            # a learnt smoothing: autograd over chunks of captions, recomputed in backward
-            bt = max(1, self._max_pairs(4 * d * length * 6) // max(1, ni))
-            parts = [checkpoint(self._i2t_autograd, w[st], None if mask is None else mask[st], scale, shift, qhat,
-                                use_reentrant=False) for st in _slices(nt, bt)]
-            return torch.cat(parts, dim=1)
+            return self._score_train(w, mask, scale, shift, qhat, (_i2t_train_fwd, _i2t_train_bwd, _K_I2T_MOMENTS)).t()
         k = self.fovea.smooth * scale
         bias = _bias(mask, w)
         wmax, wmin = _extremes(w, mask)
@@ -693,16 +775,15 @@ class Adapt(FrozenTowers, PairScorer):
                                  compiled=compiled).t()
         return out
 
-    def _i2t_autograd(self, w, mask, scale, shift, qhat) -> torch.Tensor:
-        a = w[None] * scale[:, None, None] + shift[:, None, None]  # (Ni, Nt, L, D)
-        logits = a * self.fovea.smooth
-        if mask is not None:
-            logits = logits.masked_fill(~mask[None, :, :, None], float("-inf"))
-        out = torch.softmax(logits, dim=2) * a
-        if mask is not None:
-            out = out.masked_fill(~mask[None, :, :, None], float("-inf"))
-        v = out.amax(2)  # (Ni, Nt, D)
-        return (v * qhat[:, None]).sum(-1) / v.norm(dim=-1).clamp_min(EPS)
+    def _score_train(self, tok, mask, scale, shift, unit, kernels) -> torch.Tensor:
+        """Training scores ``(N_tok, N_cond)`` through :class:`_AdaptScore` (analytic gradient)."""
+        n_tok, length, d = tok.shape
+        compiled = self._compiled(n_tok * scale.shape[0] * length * d, kernels[2], AUTO_COMPILE_MIN_TRAIN_WORK)
+        # compiled, only (pairs, D) statistics are written; eager ops write (pairs, L, D) ones
+        per_pair = 4 * d * (6 if compiled else 4 * length)
+        smooth = self.fovea.smooth.to(tok.dtype)
+        return _AdaptScore.apply(tok, scale, shift, unit, smooth, mask, kernels, compiled,
+                                 self._max_pairs(per_pair, compiled))
 
     @torch.no_grad()
     def score_pairs(self, image_reps: TowerOutput, text_reps: TowerOutput, image_idx: torch.Tensor,

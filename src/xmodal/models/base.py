@@ -43,6 +43,13 @@ class ImageTower(nn.Module):
         backbone without a new layer): a checkpoint may then leave the frozen tower out."""
         return False
 
+    def inference_graph(self) -> nn.Module | None:
+        """A module for frozen feature extraction (:mod:`xmodal.data.features`): pixels
+        ``(B, 3, H, W)`` -> ``(tokens (B, T, D), pooled (B, D))``, equal to :meth:`forward` within
+        float rounding, rewritten for speed and traceable (``torch.jit.trace``, ONNX export).
+        None (the default): extraction calls :meth:`forward`."""
+        return None
+
 
 class TextTower(nn.Module):
     """Maps a list of strings, via :meth:`tokenize`, to a :class:`TowerOutput`."""

@@ -1,6 +1,10 @@
 """retrieve-corpus (Vokenization): the best images for every sentence of a large text file.
 
 Streamed and resumable: one JSON line per sentence, a progress file beside the output.
+Pipelined at encoder speed: a reader thread reads and encodes batch ``i + 1`` while a search
+thread searches batch ``i`` and formats its JSON lines, and the calling thread writes and
+commits batch ``i - 1`` (:class:`CorpusPipeline`); each batch is computed exactly as a plain
+loop would, so the output is byte-for-byte the same.
 """
 from __future__ import annotations
 
@@ -8,9 +12,11 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,6 +29,8 @@ from .query import check_k, encode_text_queries
 
 log = logging.getLogger(__name__)
 
+#: Encoded batches the reader may run ahead of the search, and searched ones ahead of the writer.
+PREFETCH = 2
 #: The corpus signature hashes this many leading bytes (with the size and mtime).
 HEAD_BYTES = 1 << 20
 PROGRESS_SUFFIX = ".progress.json"
@@ -126,11 +134,14 @@ def retrieve_corpus(index: Index, run: Any, corpus: str | os.PathLike, out: str 
         atomic_write_json(side, {**identity, **state})
         prog, task = _corpus_progress(progress, sig["size"], state["corpus_offset"])
         new_sentences = 0
-        with prog:
-            lines = _sentences(src, state["lines_consumed"] + 1, corpus, stats)
-            while batch := _next_batch(lines, batch_size):
-                scores, rows = index.search(encode_text_queries(run, [t for _, t, _ in batch]), k)
-                dst.write(_records(batch, scores, index.ids_of(rows)).encode("utf-8"))
+        lines = _sentences(src, state["lines_consumed"] + 1, corpus, stats)
+        pipe = CorpusPipeline(lambda: _next_batch(lines, batch_size), lambda texts: encode_text_queries(run, texts),
+                              lambda q: index.search(q, k), lambda batch, scores, rows: _records(
+                                  batch, scores, index.ids_of(rows)).encode("utf-8"))
+        with prog, pipe:
+            for batch, chunk in pipe:
+                t_write = time.perf_counter()
+                dst.write(chunk)
                 dst.flush()
                 os.fsync(dst.fileno())
                 # the commit point of this batch: the sidecar names the output bytes it covers
@@ -139,6 +150,7 @@ def retrieve_corpus(index: Index, run: Any, corpus: str | os.PathLike, out: str 
                 done_sentences += len(batch)
                 new_sentences += len(batch)
                 atomic_write_json(side, {**identity, **state})
+                pipe.timings["write_s"] += time.perf_counter() - t_write
                 rate = (batch[-1][0] - resumed_line0) / max(time.perf_counter() - t0, 1e-9)
                 prog.update(task, completed=batch[-1][2], lines=batch[-1][0], rate=f"{rate:,.0f}")
     side.unlink(missing_ok=True)
@@ -146,7 +158,116 @@ def retrieve_corpus(index: Index, run: Any, corpus: str | os.PathLike, out: str 
     return {"corpus": str(corpus), "out": str(out), "lines": stats["lines"], "sentences": done_sentences,
             "new_sentences": new_sentences, "resumed_from_line": resumed_from, "k": k,
             "empty_lines": stats["empty"], "bad_utf8_lines": stats["bad_utf8"], "seconds": round(seconds, 3),
-            "sentences_per_s": round(new_sentences / max(seconds, 1e-9), 1), "output_bytes": out.stat().st_size}
+            "sentences_per_s": round(new_sentences / max(seconds, 1e-9), 1), "output_bytes": out.stat().st_size,
+            **_stage_summary(pipe.timings, new_sentences)}
+
+
+def _stage_summary(timings: dict[str, float], sentences: int) -> dict[str, Any]:
+    """Busy seconds of each pipeline stage and the text encoder's own rate inside the pipeline."""
+    return {"stage_seconds": {key[:-2]: round(v, 3) for key, v in timings.items()},
+            "encoder_sentences_per_s": round(sentences / timings["encode_s"], 1) if timings["encode_s"] > 0 else None}
+
+
+class CorpusPipeline:
+    """Three overlapped stages over batches of sentences, in order:
+
+    * a reader thread: ``next_batch()`` (an empty batch ends it), then ``encode(texts)`` -> (B, D);
+    * a search thread: ``search(q)`` -> ``(scores, rows)``, then ``fmt(batch, scores, rows)``;
+    * the caller iterates ``(batch, formatted)`` and writes it.
+
+    Queues of :data:`PREFETCH` batches bound the memory. An error in a stage is raised in the
+    caller; leaving the ``with`` block (also on Ctrl-C) stops the threads and waits for them, so
+    the caller's files are not closed under them. ``timings`` holds each stage's busy seconds.
+    """
+
+    def __init__(self, next_batch: Callable[[], list], encode: Callable[[list[str]], Any],
+                 search: Callable[[Any], tuple[Any, Any]], fmt: Callable[[list, Any, Any], Any],
+                 prefetch: int = PREFETCH) -> None:
+        self.next_batch, self.encode, self.search, self.fmt = next_batch, encode, search, fmt
+        self.timings = {"read_s": 0.0, "encode_s": 0.0, "search_s": 0.0, "format_s": 0.0, "write_s": 0.0}
+        self._encoded: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._searched: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._guard, args=(self._read_encode, self._encoded),
+                                          name="xmodal-corpus-encode", daemon=True),
+                         threading.Thread(target=self._guard, args=(self._search_format, self._searched),
+                                          name="xmodal-corpus-search", daemon=True)]
+
+    def __enter__(self) -> "CorpusPipeline":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        for q in (self._encoded, self._searched):  # unblock a stage waiting to put
+            while not q.empty():
+                q.get_nowait()
+        for t in self._threads:
+            t.join()
+
+    def __iter__(self) -> Iterator[tuple[list, Any]]:
+        while True:
+            item = self._get(self._searched)
+            if item is None:
+                return
+            yield item
+
+    # -- stages -------------------------------------------------------------------------
+    def _read_encode(self) -> Iterator[tuple[list, Any]]:
+        while not self._stop.is_set():  # (the caller is leaving: read no further)
+            t = time.perf_counter()
+            batch = self.next_batch()
+            t1 = time.perf_counter()
+            self.timings["read_s"] += t1 - t
+            if not batch:
+                return
+            q = self.encode([text for _, text, _ in batch])  # (B, D)
+            self.timings["encode_s"] += time.perf_counter() - t1
+            yield batch, q
+
+    def _search_format(self) -> Iterator[tuple[list, Any]]:
+        while (item := self._get(self._encoded)) is not None:
+            batch, q = item
+            t = time.perf_counter()
+            scores, rows = self.search(q)  # (B, k) each
+            t1 = time.perf_counter()
+            out = self.fmt(batch, scores, rows)
+            self.timings["search_s"] += t1 - t
+            self.timings["format_s"] += time.perf_counter() - t1
+            yield batch, out
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _guard(self, stage: Callable[[], Iterator[Any]], out: queue.Queue) -> None:
+        """Run ``stage`` into ``out``; then an end mark, or the stage's exception to re-raise downstream."""
+        try:
+            for item in stage():
+                if not self._put(out, ("item", item)):
+                    return
+            self._put(out, ("end", None))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            self._put(out, ("error", e))
+
+    def _put(self, q: queue.Queue, item: tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self, q: queue.Queue) -> Any:
+        while True:
+            try:
+                kind, value = q.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return None
+                continue
+            if kind == "error":
+                raise value
+            return value if kind == "item" else None
 
 
 def _resume_state(side: Path, out: Path, identity: dict[str, Any], overwrite: bool) -> tuple[dict[str, int], bool]:

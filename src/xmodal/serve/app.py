@@ -1,7 +1,8 @@
 """The HTTP search service behind ``xmodal serve``: a FastAPI app over one image index.
 
 :class:`SearchService` holds the index (and an optional caption index), the model loaded once,
-and the locks that make concurrent requests safe; :func:`create_app` wraps it in FastAPI:
+and the micro-batchers (:mod:`.batching`) that gather concurrent queries into one encode and one
+index search; :func:`create_app` wraps it in FastAPI:
 
 * ``GET /``                  the web page (``page.html``, self-contained, no CDN)
 * ``GET /api/health``        liveness
@@ -43,6 +44,7 @@ from ..index.build import EMOJI_MARK
 from ..models.base import pixel_tower
 from ..models.run import Run
 from ..search.query import result_label
+from .batching import BATCH_WAIT_MS, MAX_BATCH, MicroBatcher, check_batching
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +115,17 @@ def require_server_packages() -> None:
 class SearchService:
     """One image index (plus an optional text index of captions) and the model that built them.
 
-    Thread-safe: the model's encoders (and their tokenizer, which is not re-entrant) run under
-    one lock, index searches under another, so a request's search overlaps the next one's encode.
+    Thread-safe and batched: text queries from concurrent callers are gathered by one
+    :class:`~.batching.MicroBatcher` (up to ``max_batch`` of them, waiting at most
+    ``batch_wait_ms`` for more when the server is busy) into one ``encode_text`` call and one
+    ``Index.search``; image queries by another. The model's encoders (and their tokenizer, which
+    is not re-entrant) run under one lock, index searches under another, so one batch's search
+    overlaps the next one's encode. ``max_batch=1`` answers each query on its own.
     """
 
     def __init__(self, index: Any, run: Any, text_index: Any = None, *,
-                 image_root: str | os.PathLike | None = None, reranker: Any = None) -> None:
+                 image_root: str | os.PathLike | None = None, reranker: Any = None,
+                 max_batch: int = MAX_BATCH, batch_wait_ms: float = BATCH_WAIT_MS) -> None:
         from ..index.build import check_embedding_model
 
         if index.modality != "image":
@@ -144,6 +151,11 @@ class SearchService:
             self.pixel_tower = None
         self._encode_lock = threading.Lock()
         self._search_lock = threading.Lock()
+        max_batch, batch_wait_ms = check_batching(max_batch, batch_wait_ms)
+        self.text_batcher = MicroBatcher(self._text_batch, max_batch=max_batch, max_wait_ms=batch_wait_ms,
+                                         name="text-queries")
+        self.image_batcher = MicroBatcher(self._image_batch, max_batch=max_batch, max_wait_ms=batch_wait_ms,
+                                          name="image-queries")
         self._thumbs: OrderedDict[int, bytes] = OrderedDict()
         self._thumb_lock = threading.Lock()
         self.image_root = Path(image_root).resolve() if image_root is not None else self._common_root()
@@ -193,6 +205,7 @@ class SearchService:
             "limits": {"max_query_chars": MAX_QUERY_CHARS, "max_k": MAX_K, "max_upload_bytes": MAX_UPLOAD_BYTES,
                        "max_upload_pixels": MAX_UPLOAD_PIXELS, "thumb_size": THUMB_SIZE,
                        "max_thumb_size": MAX_THUMB_SIZE},
+            "batching": {"text": self.text_batcher.stats(), "image": self.image_batcher.stats()},
         }
 
     # -- search ------------------------------------------------------------------------
@@ -210,46 +223,60 @@ class SearchService:
             out.append(rec)
         return out
 
-    def _search(self, index: Any, query: np.ndarray, k: int, thumbs: bool) -> list[dict[str, Any]]:
+    def _answer(self, index: Any, q: np.ndarray, ks: list[int], thumbs: bool,
+                rerank: tuple[list[Any], str] | None = None) -> list[list[dict[str, Any]]]:
+        """Each query's results from one ``index.search`` of the (B, D) batch ``q`` at the largest
+        ``k`` asked (each row cut to its own ``k``). With ``rerank=(queries, modality)`` and a
+        reranker, each query's shortlist is re-ordered by the pair scorer."""
+        if rerank is None or self.reranker is None:
+            with self._search_lock:
+                scores, rows = index.search(q, min(max(ks), len(index)))  # (B, kmax) each
+            return [self._results(index, scores[i, :k], rows[i, :k], thumbs) for i, k in enumerate(ks)]
+        queries, modality = rerank
+        sizes = [self.reranker.shortlist_size(k, index) for k in ks]
         with self._search_lock:
-            scores, rows = index.search(query, min(k, len(index)))
-        return self._results(index, scores[0], rows[0], thumbs)
-
-    def _reranked(self, index: Any, q: np.ndarray, query: Any, modality: str, k: int,
-                  thumbs: bool) -> list[dict[str, Any]]:
-        """The index's shortlist for ``q``, re-ordered by the pair scorer (two-stage search)."""
-        with self._search_lock:
-            first, rows = index.search(q, self.reranker.shortlist_size(k, index))
-        with self._encode_lock:
-            scores, rows = self.reranker.rerank(index, query, modality, rows[0], k, first_scores=first[0])
-        return self._results(index, scores, rows, thumbs)
+            first, rows = index.search(q, max(sizes))  # (B, n) each
+        out = []
+        for i, (k, n) in enumerate(zip(ks, sizes)):
+            with self._encode_lock:
+                s, r = self.reranker.rerank(index, queries[i], modality, rows[i, :n], k, first_scores=first[i, :n])
+            out.append(self._results(index, s, r, thumbs))
+        return out
 
     @torch.inference_mode()
+    def _text_batch(self, items: list[tuple[str, int]]) -> list[list[dict[str, Any]]]:
+        """One batch of text queries ``(text, k)``: one encode, one search."""
+        texts = [text for text, _ in items]
+        with self._encode_lock:
+            q = self.model.encode_text(texts).float().cpu().numpy()  # (B, D)
+        return self._answer(self.index, q, [k for _, k in items], True, rerank=(texts, "text"))
+
+    @torch.inference_mode()
+    def _image_batch(self, items: list[tuple[torch.Tensor, Any, int]]) -> list[dict[str, list[dict[str, Any]]]]:
+        """One batch of image queries ``(pixels (3, H, W), image, k)``: one encode, one search per index."""
+        pixels = torch.stack([px for px, _, _ in items])  # (B, 3, H, W)
+        ks = [k for _, _, k in items]
+        with self._encode_lock:
+            q = self.model.encode_image(pixels).float().cpu().numpy()  # (B, D)
+        images = self._answer(self.index, q, ks, True)
+        texts: list[list[dict[str, Any]]] = [[] for _ in items]
+        if self.text_index is not None:
+            texts = self._answer(self.text_index, q, ks, False, rerank=([im for _, im, _ in items], "image"))
+        return [{"images": im, "texts": tx} for im, tx in zip(images, texts)]
+
     def search_text(self, text: str, k: int) -> list[dict[str, Any]]:
-        """Top-``k`` images for a text query (validated by the caller)."""
-        with self._encode_lock:
-            q = self.model.encode_text([text]).float().cpu().numpy()  # (1, D)
-        if self.reranker is not None:
-            return self._reranked(self.index, q, text, "text", k, thumbs=True)
-        return self._search(self.index, q, k, thumbs=True)
+        """Top-``k`` images for a text query (validated by the caller), batched with concurrent ones."""
+        return self.text_batcher((text, k))
 
-    @torch.inference_mode()
     def search_image(self, image: Any, k: int) -> dict[str, list[dict[str, Any]]]:
-        """Top-``k`` images (and captions, with a text index) for a decoded PIL image."""
+        """Top-``k`` images (and captions, with a text index) for a decoded PIL image, batched."""
         if self.pixel_tower is None:
             raise ApiError(400, "image_search_unavailable",
                            f"this index's model ({type(self.model.tower('image')).__name__}) reads precomputed "
                            "feature rows, not pixels: image queries need a pixel model")
-        pixels = self.pixel_tower.preprocess(image)[None]  # (1, 3, H, W)
-        with self._encode_lock:
-            q = self.model.encode_image(pixels).float().cpu().numpy()  # (1, D)
-        out = {"images": self._search(self.index, q, k, thumbs=True), "texts": []}
-        if self.text_index is not None:
-            if self.reranker is not None:
-                out["texts"] = self._reranked(self.text_index, q, image, "image", k, thumbs=False)
-            else:
-                out["texts"] = self._search(self.text_index, q, k, thumbs=False)
-        return out
+        with torch.inference_mode():
+            pixels = self.pixel_tower.preprocess(image)  # (3, H, W), on the caller's thread
+        return self.image_batcher((pixels, image, k))
 
     # -- thumbnails --------------------------------------------------------------------
     def _source_image(self, row: int) -> Any:
@@ -317,12 +344,15 @@ def run_label(run_path: str | Path) -> str:
 def load_service(index: str | os.PathLike, text_index: str | os.PathLike | None = None, *,
                  run: str | os.PathLike | None = None, image_root: str | os.PathLike | None = None,
                  rerank: str | os.PathLike | None = None, rerank_k: int = 100,
-                 rerank_fusion: float | None = None) -> SearchService:
+                 rerank_fusion: float | None = None, max_batch: int = MAX_BATCH,
+                 batch_wait_ms: float = BATCH_WAIT_MS) -> SearchService:
     """Open the index folders and load their model once (refusing a text index of another model).
 
     ``rerank``: a pair scorer's run folder that re-orders the top ``rerank_k`` of each search
     (by pair score + ``rerank_fusion`` x index score; default: that run's ``eval.rerank_fusion``).
+    ``max_batch`` / ``batch_wait_ms``: how concurrent queries are batched (:class:`SearchService`).
     """
+    check_batching(max_batch, batch_wait_ms)  # before any model is loaded
     from ..index import Index
     from ..index.build import load_index_run, same_model
 
@@ -341,7 +371,8 @@ def load_service(index: str | os.PathLike, text_index: str | os.PathLike | None 
         from ..search import Reranker
 
         reranker = Reranker(load(rerank), k=rerank_k, fusion=rerank_fusion)
-    return SearchService(ix, run_, tix, image_root=image_root, reranker=reranker)
+    return SearchService(ix, run_, tix, image_root=image_root, reranker=reranker, max_batch=max_batch,
+                         batch_wait_ms=batch_wait_ms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +436,9 @@ INFO_SCHEMA: dict[str, Any] = {
     "properties": {"index": {"type": "object"}, "text_index": {"type": ["object", "null"]},
                    "model": {"type": "object", "required": ["type", "run", "name", "image_input"]},
                    "reranker": {"type": ["object", "null"]}, "capabilities": {"type": "object"},
-                   "limits": {"type": "object"}}}
+                   "limits": {"type": "object"},
+                   "batching": {"type": "object", "description": "per query kind: batches run, queries answered, "
+                                                                 "mean and largest batch, max_batch, max_wait_ms"}}}
 #: what each error status means, as documented per route
 ERROR_DESCRIPTIONS = {
     400: "invalid request: a parameter, the multipart body or the image is malformed",
@@ -567,6 +600,8 @@ def _add_query_routes(app: Any, service: SearchService, page: str) -> None:
         text = q.strip()
         if not text:
             raise ApiError(400, "empty_query", "q: empty query; give some text")
+        # on a pool thread: it runs a batch of the waiting queries itself, or waits for the
+        # thread that runs the batch holding its query
         return {"query": text, "k": k, "results": service.search_text(text, k)}
 
 

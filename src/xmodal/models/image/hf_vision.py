@@ -22,7 +22,8 @@ from torch import nn
 
 from ...errors import ConfigError, XmodalError, where
 from ..base import IMAGE_TOWERS, ImageTower, TowerOutput
-from .efficientnet import pixels_to_float, resize_center_crop
+from .efficientnet import pixels_to_float
+from .resize import DEFAULT_FILL, check_resize, resize_image
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ class HFVisionTower(ImageTower):
     pooler) and the token mean otherwise; ``"pooler"`` requires it, ``"cls"`` takes
     token 0, ``"mean"`` the token mean. ``out_dim`` adds a linear projection applied
     to tokens and pooled vector. ``frozen=True`` fixes the backbone (eval mode, no grads).
+    ``resize`` (``crop``, ``squash``, ``letterbox``) and ``letterbox_fill`` choose how
+    :meth:`preprocess` fits a non-square image (:mod:`xmodal.models.image.resize`).
     """
 
     input_kind = "pixels"
@@ -134,8 +137,10 @@ class HFVisionTower(ImageTower):
     def __init__(self, name_or_path: str, frozen: bool = False, out_dim: int | None = None,
                  pooling: str = "auto", image_size: int | None = None,
                  mean: tuple[float, float, float] | None = None,
-                 std: tuple[float, float, float] | None = None) -> None:
+                 std: tuple[float, float, float] | None = None, resize: str = "crop",
+                 letterbox_fill: Any = DEFAULT_FILL) -> None:
         super().__init__()
+        self.resize, self.letterbox_fill = check_resize(resize, letterbox_fill, owner="hf_vision")
         if pooling not in ("auto", "pooler", "cls", "mean"):
             raise ConfigError(f"hf_vision: pooling must be auto, pooler, cls or mean, got {pooling!r}")
         import transformers
@@ -207,8 +212,10 @@ class HFVisionTower(ImageTower):
         return self
 
     def preprocess(self, image: Any) -> torch.Tensor:
-        """PIL image -> uint8 ``(3, H, W)`` at the model's input size (resize + center crop)."""
-        return resize_center_crop(image, self.input_hw, self.resize_shorter)
+        """PIL image -> uint8 ``(3, H, W)`` at the model's input size, fitted by ``resize``
+        (``crop``: the processor's shorter-side resize + center crop; ``squash``; ``letterbox``)."""
+        return resize_image(image, self.input_hw, self.resize, resize_shorter=self.resize_shorter,
+                            fill=self.letterbox_fill)
 
     def _backbone(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.model(pixel_values=x)
