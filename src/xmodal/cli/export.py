@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from . import arguments, command
+from .options import key_values
 
 FORMATS = ("webdataset",)
 
@@ -38,11 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import ConfigError
-    from .inspect import data_options
 
     if args.shard_size < 1:
         raise ConfigError(f"--shard-size must be at least 1, got {args.shard_size}")
-    options = data_options(args.data_arg)
+    options = key_values(args.data_arg)
     from ..data.base import load_dataset
     from ..data.inspect import split_names
     from ..data.webdataset import write_shards

@@ -9,28 +9,10 @@ import argparse
 import sys
 
 from . import arguments, command
+from .options import key_values
 from ..errors import ConfigError
 
 _SHOWN_SKIPS = 20
-
-
-def _key_values(pairs: list[str], flag: str) -> dict:
-    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``; values are read as YAML scalars."""
-    import yaml
-
-    out = {}
-    for item in pairs:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{flag} {item!r}: expected key=value")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, (dict, list)):
-            value = raw  # keep structured-looking strings as written
-        out[key.replace("-", "_")] = value
-    return out
 
 
 def _make_tower(name: str, kwargs: dict):
@@ -85,8 +67,8 @@ def _args(p: argparse.ArgumentParser) -> None:
 @arguments(_args)
 def run(args: argparse.Namespace) -> int:
     # the arguments first, then the dataset (cheap), then torch, the tower and the extraction
-    data_kwargs = _key_values(args.data_arg, "--data-arg")
-    tower_kwargs = _key_values(args.tower_arg, "--tower-arg")
+    data_kwargs = key_values(args.data_arg, "--data-arg")
+    tower_kwargs = key_values(args.tower_arg, "--tower-arg")
     if args.image_size is not None:
         tower_kwargs["image_size"] = args.image_size
     from ..data.base import load_dataset

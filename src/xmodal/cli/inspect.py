@@ -11,6 +11,7 @@ import argparse
 import json
 
 from . import arguments, command
+from .options import key_values
 
 #: report rows shown in the table: (label, key, how to show the value)
 _ROWS = (
@@ -46,25 +47,6 @@ def _cell(value, how: str) -> str:
         shown = ", ".join(f"{k} {v:,}" for k, v in items[:6])
         return shown + (f", +{len(items) - 6} more" if len(items) > 6 else "")
     return f"{value:,}"
-
-
-def data_options(pairs: list[str], flag: str = "--data-arg") -> dict:
-    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``: reader options, values read as YAML scalars."""
-    import yaml
-
-    from ..errors import ConfigError
-
-    out = {}
-    for item in pairs:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{flag} {item!r}: expected key=value")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
-        out[key.replace("-", "_")] = raw if isinstance(value, (dict, list)) else value
-    return out
 
 
 def _has(stats: dict, key) -> bool:
@@ -106,7 +88,7 @@ def print_report(report: dict) -> None:
                          "missing files, duplicates.")
 @arguments(_args)
 def run(args: argparse.Namespace) -> int:
-    options = data_options(args.data_arg)
+    options = key_values(args.data_arg)
     from ..data.inspect import inspect_dataset
 
     report = inspect_dataset(args.format, args.path, splits=args.split or None, options=options,
