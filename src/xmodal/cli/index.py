@@ -19,7 +19,9 @@ def _args(p) -> None:
     p.add_argument("--out", required=True, help="index folder to create (or extend with --add)")
     p.add_argument("--modality", choices=("image", "text"), default="image",
                    help="image: index images, for text queries (default); text: index captions, for image queries")
-    p.add_argument("--backend", default=None, help="exact (default), flat, ivf or hnsw")
+    p.add_argument("--backend", default=None, help="exact (default), flat, ivf, ivfpq or hnsw")
+    p.add_argument("--memory-budget", default=None,
+                   help="ivfpq: RAM the index build may use, e.g. 4GB (default 4GB); picks nlist and m")
     p.add_argument("--add", action="store_true", help="append to an existing index built by the same run")
     p.add_argument("--batch-size", type=int, default=256, help="items encoded at once")
     p.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint folder")
@@ -42,11 +44,18 @@ def run(args) -> int:
         raise XmodalError(f"{where(args.run)}no such folder")
     if args.batch_size < 1:
         raise XmodalError(f"--batch-size {args.batch_size}: must be a positive integer")
+    budget = None
+    if args.memory_budget is not None and args.backend != "ivfpq":
+        raise XmodalError(f"--memory-budget {args.memory_budget}: only applies to --backend ivfpq")
+    if args.backend == "ivfpq" and not args.add:  # encode into an exact index, then compress it
+        from ..index.ivfpq import parse_size
+
+        budget = parse_size(args.memory_budget or "4GB")
     from ..index.build import build_index
     from ..distributed import env_from_environ, session
 
     progress = sys.stderr.isatty() and not args.no_progress
-    options = dict(modality=args.modality, backend=args.backend, add=args.add, batch_size=args.batch_size,
+    options = dict(modality=args.modality, backend="exact" if budget else args.backend, add=args.add, batch_size=args.batch_size,
                    checkpoint=args.checkpoint, lang=args.lang, id_prefix=args.id_prefix, dtype=args.dtype,
                    progress=progress)
     if env_from_environ().enabled:  # launched by torchrun: one shard per process, one index by rank 0
@@ -58,6 +67,10 @@ def run(args) -> int:
             return 0
     else:
         res = build_index(args.run, args.data, args.out, **options)
+    if budget:
+        from ..index.large import convert_to_ivfpq
+
+        convert_to_ivfpq(res.path, budget, report=lambda text: print(text, file=sys.stderr), progress=progress)
     for bad in res.skipped[:10]:
         print(f"skipped {bad['path']}: {bad['reason']}", file=sys.stderr)
     if len(res.skipped) > 10:

@@ -150,6 +150,9 @@ def _tower_spec(tcfg, tower=None) -> dict:
         for k, v in sorted(tower.state_dict().items()):
             h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         spec["weights"] = h.hexdigest()[:16]
+    source = getattr(tower, "source_id", lambda: None)() if tower is not None else None
+    if source:  # e.g. the version of a package whose weights ship inside it (text towers)
+        spec["source"] = source
     return spec
 
 

@@ -68,6 +68,11 @@ class TextTower(nn.Module):
         """See :meth:`ImageTower.rebuilt_from_source`."""
         return False
 
+    def source_id(self) -> str | None:
+        """What identifies the weights beyond the config (a package's version, a file digest), for
+        the cache of a frozen tower's outputs; None: the config says it all."""
+        return None
+
 
 class AttachedRun(nn.Module):
     """A finished model attached inside another (a re-ranker's first stage): rebuilt from its

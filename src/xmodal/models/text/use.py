@@ -134,6 +134,10 @@ class USETextTower(TextTower):
     def _threads(self) -> int:
         return self.threads or max(1, torch.get_num_threads())
 
+    def source_id(self) -> str | None:
+        """The package's version: its weights ship inside it, so a new release may change them."""
+        return f"{PACKAGE}=={package_version()}"
+
     def rebuilt_from_source(self) -> bool:
         return self.proj is None
 
