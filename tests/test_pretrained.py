@@ -443,3 +443,29 @@ def test_pretrained_with_a_finetuning_recipe_fills_the_models_own_terms(sources,
     assert not cfg.model.image.frozen and not cfg.model.text.frozen and cfg.optim.lr == 1e-5
     assert cfg.model.image.args["grad_checkpointing"] is True and cfg.model.embed_dim == 32
     assert cfg.model.image.args["source"] == f"hf:{(run / 'source').resolve()}"
+
+
+def test_resize_modes_for_non_square_images(sources):
+    """``crop`` is the processor's own; ``squash`` / ``letterbox`` fit the same input size, equal
+    to the shared resize functions; bad values are one clear error."""
+    from PIL import Image
+
+    from xmodal.errors import ConfigError
+    from xmodal.models.base import IMAGE_TOWERS
+    from xmodal.models.image.resize import resize_image
+
+    wide = Image.new("RGB", (3 * IMAGE, IMAGE), (250, 250, 250))
+    wide.paste((200, 10, 10), (0, 0, IMAGE, IMAGE))  # a red square at the left edge: crop loses it
+    towers = {mode: IMAGE_TOWERS.create("pretrained_image", source=f"hf:{sources['clip']}", resize=mode)
+              for mode in ("crop", "squash", "letterbox")}
+    crop = towers["crop"].preprocess(wide)
+    assert torch.equal(crop, towers["crop"].preprocessing.apply(wide))
+    for mode in ("squash", "letterbox"):
+        got = towers[mode].preprocess(wide)
+        assert got.shape == crop.shape == (3, IMAGE, IMAGE)
+        assert torch.equal(got, resize_image(wide, (IMAGE, IMAGE), mode))
+        assert (got[0] > 150).logical_and(got[1] < 80).any()  # the red square is still there
+    assert not (crop[0] > 150).logical_and(crop[1] < 80).any()
+    assert (towers["letterbox"].preprocess(wide)[:, 0] > 240).all()  # padded with the white border
+    with pytest.raises(ConfigError, match="pretrained_image: resize must be one of crop, squash, letterbox"):
+        IMAGE_TOWERS.create("pretrained_image", source=f"hf:{sources['clip']}", resize="fit")

@@ -46,6 +46,7 @@ from torch import nn
 from ..errors import ConfigError, XmodalError
 from .base import IMAGE_TOWERS, TEXT_TOWERS, ImageTower, TextTower, TowerOutput
 from .image.efficientnet import pixels_to_float
+from .image.resize import check_resize, resize_image
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +397,10 @@ class PretrainedImageTower(_Pretrained, ImageTower):
 
     ``source``: ``hf:NAME_OR_DIR`` or ``open_clip:ARCH:PRETRAINED``; ``sha256``: the pinned
     :func:`weights_digest` of an ``hf:`` folder; ``tokens``: ``patches`` (CLS dropped) or
-    ``all``; ``grad_checkpointing``: recompute activations in the backward pass.
+    ``all``; ``grad_checkpointing``: recompute activations in the backward pass; ``resize``:
+    ``crop`` (the default: the model's own processor, resize and center crop, exactly),
+    ``squash`` or ``letterbox`` (with ``letterbox_fill``) to the processor's input size, for
+    non-square images (:mod:`xmodal.models.image.resize`), then the model's own normalisation.
     Pooled: the model's image embedding; tokens: its last hidden states, in the embedding space
     when the model has a visual projection.
     """
@@ -404,12 +408,13 @@ class PretrainedImageTower(_Pretrained, ImageTower):
     input_kind = "pixels"
 
     def __init__(self, source: str, sha256: str | None = None, tokens: str = "patches",
-                 grad_checkpointing: bool = False) -> None:
+                 grad_checkpointing: bool = False, resize: str = "crop", letterbox_fill: Any = "edge") -> None:
         super().__init__()
         _check_args("pretrained_image", source=(source, str), sha256=(sha256, (str, type(None))),
                     tokens=(tokens, str), grad_checkpointing=(grad_checkpointing, bool))
         if tokens not in ("patches", "all"):
             raise ConfigError(f"pretrained_image: tokens must be patches or all, got {tokens!r}")
+        self.resize, self.letterbox_fill = check_resize(resize, letterbox_fill, owner="pretrained_image")
         loaded = load_source(source, need="image", sha256=sha256)
         if grad_checkpointing:  # on the whole model: transformers' hooks look for both sides' modules
             _enable_checkpointing(loaded.model, loaded.source)
@@ -443,8 +448,11 @@ class PretrainedImageTower(_Pretrained, ImageTower):
         return int(probe.pooled.shape[-1]), int(probe.tokens.shape[-1])
 
     def preprocess(self, image: Any) -> torch.Tensor:
-        """PIL image -> uint8 ``(3, H, W)``, resized and cropped as the model's processor does."""
-        return self.preprocessing.apply(image)
+        """PIL image -> uint8 ``(3, H, W)``, resized and cropped as the model's processor does
+        (``resize: crop``), or squashed / letterboxed to the same input size."""
+        if self.resize == "crop":
+            return self.preprocessing.apply(image)
+        return resize_image(image, self.input_hw, self.resize, fill=self.letterbox_fill)
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 255] ``(B, 3, H, W)`` -> the model's ``pixel_values`` (rescaled, normalised)."""
