@@ -224,4 +224,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from xmodal.errors import XmodalError
+
+    try:
+        sys.exit(main())
+    except XmodalError as exc:  # a wrong run folder, a bad language: one line, as the CLI prints it
+        print(f"multilingual_eval: error: {exc}", file=sys.stderr)
+        sys.exit(2)
