@@ -1,4 +1,5 @@
-"""Writers for real good and bad image files, shared by test_images.py and test_extract.py."""
+"""Writers for real good and bad image files, shared by test_images.py and test_extract.py; a
+deterministic pixel tower for extraction tests."""
 from __future__ import annotations
 
 import io
@@ -7,7 +8,12 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
+
+from xmodal.models.base import ImageTower, TowerOutput
 
 
 def write_ok(path: Path, seed: int = 0, size: tuple[int, int] = (24, 20), fmt: str | None = None) -> Path:
@@ -98,3 +104,30 @@ train: {{steps: 3, batch_size: 4, eval_every: 3, log_every: 3, tensorboard: fals
     run = root / "run"
     assert main(["train", str(cfg), "--out", str(run), "--no-progress"]) == 0
     return imgs, run
+
+
+
+class PoolPixelTower(ImageTower):
+    """Deterministic pixel tower for extraction tests: 16 px, 4x4 average-pooled cells through a
+    fixed linear map (``weights``: ``sin`` or ``cos`` of 0, 1, 2, ...); picklable, for decode
+    workers and spawned processes."""
+
+    input_kind = "pixels"
+
+    def __init__(self, dim: int = 6, weights: str = "sin") -> None:
+        super().__init__()
+        self.image_size, self.output_dim = 16, dim
+        self.proj = nn.Linear(3, dim)
+        with torch.no_grad():
+            fn = {"sin": torch.sin, "cos": torch.cos}[weights]
+            self.proj.weight.copy_(fn(torch.arange(3 * dim, dtype=torch.float32)).reshape(dim, 3))
+            self.proj.bias.zero_()
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        img = img.convert("RGB").resize((16, 16), Image.BILINEAR)
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))  # (3, 16, 16)
+
+    def forward(self, x: torch.Tensor) -> TowerOutput:
+        cells = F.avg_pool2d(x.float() / 255.0, 4)  # (B, 3, 4, 4)
+        tokens = self.proj(cells.flatten(2).transpose(1, 2))  # (B, 16, dim)
+        return TowerOutput(tokens=tokens, pooled=tokens.mean(1), mask=None)

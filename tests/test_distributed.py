@@ -16,11 +16,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.numpy import load_file
 from torch import nn
 
-from image_fixtures import write_corrupt_png, write_ok
+from image_fixtures import PoolPixelTower, write_corrupt_png, write_ok
 from train_fixtures import write_synthetic_precomp, write_tiny_config
 from xmodal.config import load_config
 from xmodal.data.base import CrossModalDataset, GroundTruth
@@ -29,7 +28,7 @@ from xmodal.data.features import FeatureSet, extract_features, extract_features_
 from xmodal.index import Index
 from xmodal.losses import create_loss
 from xmodal.models.adapt import Adapt
-from xmodal.models.base import EmbeddingScorer, ImageTower, TowerOutput
+from xmodal.models.base import EmbeddingScorer, TowerOutput
 from xmodal.index.build import build_index
 from xmodal.data.inputs import Batch, BatchOrder
 from xmodal.distributed import DistEnv, env_from_environ, session, shard_bounds
@@ -63,27 +62,8 @@ class ToyDual(EmbeddingScorer):
         return F.normalize(self.txt(x), dim=-1)
 
 
-class FakePixelTower(ImageTower):
-    """Deterministic pixel tower: 4x4 average-pooled cells through a fixed linear map."""
-
-    input_kind = "pixels"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.image_size, self.output_dim = 16, 6
-        self.proj = nn.Linear(3, 6)
-        with torch.no_grad():
-            self.proj.weight.copy_(torch.sin(torch.arange(18, dtype=torch.float32)).reshape(6, 3))
-            self.proj.bias.zero_()
-
-    def preprocess(self, img: Image.Image) -> torch.Tensor:
-        img = img.convert("RGB").resize((16, 16), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()  # (3, 16, 16)
-
-    def forward(self, x: torch.Tensor) -> TowerOutput:
-        cells = F.avg_pool2d(x.float() / 255.0, 4)  # (B, 3, 4, 4)
-        tokens = self.proj(cells.flatten(2).transpose(1, 2))  # (B, 16, 6)
-        return TowerOutput(tokens=tokens, pooled=tokens.mean(1), mask=None)
+def FakePixelTower() -> PoolPixelTower:  # noqa: N802 - the tower these tests were written with
+    return PoolPixelTower(dim=6, weights="sin")
 
 
 def _pos_mask() -> torch.Tensor:

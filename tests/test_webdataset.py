@@ -18,11 +18,9 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
-from image_fixtures import write_corrupt_png, write_ok
+from image_fixtures import PoolPixelTower, write_corrupt_png, write_ok
 from xmodal.cli import main
 from xmodal.data import load_dataset
 from xmodal.data.base import CrossModalDataset, GroundTruth
@@ -31,7 +29,7 @@ from xmodal.data.webdataset import (expand_shards, iter_samples, rank_shards, sh
                                     write_shards)
 from xmodal.distributed import DistEnv, session
 from xmodal.errors import ConfigError, DataError
-from xmodal.models.base import ImageTower, TowerOutput
+from xmodal.models.base import TowerOutput
 
 WORLD = 2
 
@@ -88,27 +86,11 @@ def _jpeg(seed: int) -> bytes:
     return buf.getvalue()
 
 
-class PoolTower(ImageTower):
-    """Deterministic pixel tower: 4x4 average-pooled cells through a fixed linear map."""
-
-    input_kind = "pixels"
+class PoolTower(PoolPixelTower):
+    """The shared deterministic pixel tower (tests/image_fixtures.py), 5-d, cos weights."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.image_size, self.output_dim = 16, 5
-        self.proj = nn.Linear(3, 5)
-        with torch.no_grad():
-            self.proj.weight.copy_(torch.cos(torch.arange(15, dtype=torch.float32)).reshape(5, 3))
-            self.proj.bias.zero_()
-
-    def preprocess(self, img: Image.Image) -> torch.Tensor:
-        img = img.convert("RGB").resize((16, 16), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()  # (3, 16, 16)
-
-    def forward(self, x: torch.Tensor) -> TowerOutput:
-        cells = F.avg_pool2d(x.float() / 255.0, 4)  # (B, 3, 4, 4)
-        tokens = self.proj(cells.flatten(2).transpose(1, 2))  # (B, 16, 5)
-        return TowerOutput(tokens=tokens, pooled=tokens.mean(1), mask=None)
+        super().__init__(dim=5, weights="cos")
 
 
 # reading back what was written ------------------------------------------------------------
