@@ -459,11 +459,10 @@ def _prepare_queries(queries: Sequence[Mapping[str, Any]], limit: int) -> list[d
             raise ValueError(f"queries[{qi}] must be a dict with 'text' and 'results'")
         results = []
         for r in list(q.get("results") or [])[:TOP_N]:
-            score = r.get("score")
             image = r.get("image")
             results.append({
                 "thumb": None if image is None else _thumbnail(image),
-                "score": None if score is None else float(score),
+                "score": _score(r),
                 "correct": bool(r.get("correct", False)),
                 "label": None if r.get("label") is None else str(r.get("label")),
             })
@@ -472,15 +471,19 @@ def _prepare_queries(queries: Sequence[Mapping[str, Any]], limit: int) -> list[d
     return out
 
 
+def _score(item: Mapping[str, Any]) -> float | None:
+    score = item.get("score")
+    return None if score is None else float(score)
+
+
 def _first_item(q: Mapping[str, Any]) -> dict[str, Any] | None:
     """The query's ``first_correct`` item (shown beside the rank of a query that missed)."""
     item = q.get("first_correct")
     if not isinstance(item, Mapping):
         return None
-    image, score = item.get("image"), item.get("score")
+    image = item.get("image")
     return {"thumb": None if image is None else _thumbnail(image),
-            "label": str(item.get("label") or ""), "text": str(item.get("text") or ""),
-            "score": None if score is None else float(score)}
+            "label": str(item.get("label") or ""), "text": str(item.get("text") or ""), "score": _score(item)}
 
 
 def _prepare_image_queries(queries: Sequence[Mapping[str, Any]], limit: int) -> list[dict[str, Any]]:
@@ -491,9 +494,8 @@ def _prepare_image_queries(queries: Sequence[Mapping[str, Any]], limit: int) -> 
             raise ValueError(f"image_queries[{qi}] must be a dict with 'image' or 'label', and 'results'")
         results = []
         for r in list(q.get("results") or [])[:TOP_N]:
-            score = r.get("score")
             results.append({"text": str(r.get("text", "")), "correct": bool(r.get("correct", False)),
-                            "score": None if score is None else float(score)})
+                            "score": _score(r)})
         image = q.get("image")
         out.append({"thumb": None if image is None else _thumbnail(image),
                     "label": "" if q.get("label") is None else str(q["label"]),

@@ -369,6 +369,17 @@ class _Pretrained:
     family: str
     model: nn.Module
 
+    def _attach(self, source: str, side: str, sha256: str | None, grad_checkpointing: bool) -> Loaded:
+        """Load ``source`` and keep the ``side`` (``image`` / ``text``) of its model as this tower's."""
+        loaded = load_source(source, need=side, sha256=sha256)
+        if grad_checkpointing:  # on the whole model: transformers' hooks look for both sides' modules
+            _enable_checkpointing(loaded.model, loaded.source)
+        keep_side(loaded.model, side)
+        self.model = loaded.model
+        self.source, self.family = loaded.source, loaded.family
+        self.spec, self.hf_config = str(source), loaded.hf_config
+        return loaded
+
     def rebuilt_from_source(self) -> bool:
         """Every weight is read from the source: a frozen tower is left out of checkpoints."""
         return True
@@ -415,15 +426,9 @@ class PretrainedImageTower(_Pretrained, ImageTower):
         if tokens not in ("patches", "all"):
             raise ConfigError(f"pretrained_image: tokens must be patches or all, got {tokens!r}")
         self.resize, self.letterbox_fill = check_resize(resize, letterbox_fill, owner="pretrained_image")
-        loaded = load_source(source, need="image", sha256=sha256)
-        if grad_checkpointing:  # on the whole model: transformers' hooks look for both sides' modules
-            _enable_checkpointing(loaded.model, loaded.source)
-        keep_side(loaded.model, "image")
-        self.model = loaded.model
-        self.source, self.family = loaded.source, loaded.family
-        self.spec, self.tokens_kind = str(source), tokens
-        self.preprocessing = loaded.image_pp
-        self.hf_config, self.image_processor = loaded.hf_config, loaded.image_processor
+        loaded = self._attach(source, "image", sha256, grad_checkpointing)
+        self.tokens_kind = tokens
+        self.preprocessing, self.image_processor = loaded.image_pp, loaded.image_processor
         self.input_hw = self.preprocessing.input_hw
         self.image_size = self.input_hw[0]
         pp = self.preprocessing
@@ -519,15 +524,8 @@ class PretrainedTextTower(_Pretrained, TextTower):
             raise ConfigError(f"pretrained_text: padding must be auto, longest or max_length, got {padding!r}")
         if max_length is not None and max_length < 1:
             raise ConfigError(f"pretrained_text: max_length must be a positive integer, got {max_length}")
-        loaded = load_source(source, need="text", sha256=sha256)
-        if grad_checkpointing:  # on the whole model: transformers' hooks look for both sides' modules
-            _enable_checkpointing(loaded.model, loaded.source)
-        keep_side(loaded.model, "text")
-        self.model = loaded.model
-        self.source, self.family = loaded.source, loaded.family
-        self.spec = str(source)
+        loaded = self._attach(source, "text", sha256, grad_checkpointing)
         self.tokenizer = loaded.tokenizer
-        self.hf_config = loaded.hf_config
         limit = self._position_limit()
         self.max_length = min(max_length or limit, limit)
         sigmoid = self.family in _SIGMOID_FAMILIES
