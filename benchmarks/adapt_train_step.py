@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--variants", default="t2i,i2t")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--ref-chunk", type=int, default=8, help="conditioning rows per checkpointed autograd chunk")
-    p.add_argument("--fused", default="auto", choices=["auto", "compile", "eager"], help="model.args.fused")
+    p.add_argument("--fused", default="auto", choices=["auto", "native", "compile", "eager"], help="model.args.fused")
     p.add_argument("--compare-rev", default=None, help="also time adapt.py at this git revision")
     p.add_argument("--no-autograd", action="store_true", help="skip the (slow) reference: fused (and rev) only")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, eager kernels, one step each")

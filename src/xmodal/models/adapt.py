@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, XmodalError
+from . import adapt_native
 from .base import MODEL_ARGS, MODELS, FrozenTowers, PairScorer, TowerOutput, parse_model_args
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ EPS = 1e-8
 VARIANTS = ("t2i", "i2t", "ens")
 _NORMALIZATIONS = ("batchnorm", "none")
 _ACTIVATIONS = ("leaky_relu", "none")
-_FUSED = ("auto", "compile", "eager")
+_FUSED = ("auto", "native", "compile", "eager")
 #: ``fused="auto"`` compiles once a call's work (pairs x tokens x channels) reaches this:
 #: compiling costs seconds once per process, eager ops are fine for small batches.
 AUTO_COMPILE_MIN_WORK = 1 << 28
@@ -745,6 +746,9 @@ class Adapt(FrozenTowers, PairScorer):
         scale, shift, chat = self._split(cond)  # (Nt, D) each
         if self._needs_grad(x, cond):
             return self._score_train(x, mask, scale, shift, chat, (_t2i_train_fwd, _t2i_train_bwd, _K_T2I_MOMENTS))
+        lengths = self._native_lengths(x, mask, cond)
+        if lengths is not None:
+            return self._score_native(x, mask, lengths, scale, shift, chat)
         k = self.fovea.smooth * scale
         bias = _bias(mask, x)
         xmax, xmin = _extremes(x, mask)
@@ -763,6 +767,9 @@ class Adapt(FrozenTowers, PairScorer):
         scale, shift, qhat = self._split(cond)  # (Ni, D) each
         if self._needs_grad(w, cond):
             return self._score_train(w, mask, scale, shift, qhat, (_i2t_train_fwd, _i2t_train_bwd, _K_I2T_MOMENTS)).t()
+        lengths = self._native_lengths(w, mask, cond)
+        if lengths is not None:
+            return self._score_native(w, mask, lengths, scale, shift, qhat).t()
         k = self.fovea.smooth * scale
         bias = _bias(mask, w)
         wmax, wmin = _extremes(w, mask)
@@ -775,13 +782,39 @@ class Adapt(FrozenTowers, PairScorer):
                                  compiled=compiled).t()
         return out
 
+    def _native_lengths(self, tok: torch.Tensor, mask: torch.Tensor | None, *cond: torch.Tensor) -> torch.Tensor | None:
+        """Real token counts for the C kernels, or None where they do not apply (``fused``
+        compile/eager, not float32 on CPU, a mask that is not a prefix, kernels unavailable)."""
+        if self.fused not in ("auto", "native") or not adapt_native.supports(tok, *cond):
+            return None
+        if self.fused == "native":
+            adapt_native.require()
+        elif not adapt_native.available():
+            return None
+        return adapt_native.lengths_of(mask, tok)
+
+    def _score_native(self, tok, mask, lengths, scale, shift, unit) -> torch.Tensor:
+        """Scores ``(N_tok, N_cond)`` through the C kernels (no statistics kept: no gradient)."""
+        tmax, tmin = _extremes(tok, mask)
+        ins = [t.contiguous() for t in (tok, tmax, tmin, scale, shift, unit)]
+        out, _, *_ = adapt_native.fovea_forward(self.direction, ins[0], lengths, *ins[1:],
+                                                float(self.fovea.smooth), stats=False)
+        return out
+
     def _score_train(self, tok, mask, scale, shift, unit, kernels) -> torch.Tensor:
-        """Training scores ``(N_tok, N_cond)`` through :class:`_AdaptScore` (analytic gradient)."""
+        """Training scores ``(N_tok, N_cond)`` with the analytic gradient: the C kernels
+        (:class:`~.adapt_native.NativeAdaptScore`) where they apply, else :class:`_AdaptScore`."""
+        smooth = self.fovea.smooth.to(tok.dtype)
+        lengths = self._native_lengths(tok, mask, scale, shift, unit)
+        if lengths is not None:
+            with torch.no_grad():
+                tmax, tmin = _extremes(tok, mask)  # (N_tok, D): the softmax shift, a constant
+            return adapt_native.NativeAdaptScore.apply(tok, scale, shift, unit, smooth, lengths, tmax, tmin,
+                                                       self.direction)
         n_tok, length, d = tok.shape
         compiled = self._compiled(n_tok * scale.shape[0] * length * d, kernels[2], AUTO_COMPILE_MIN_TRAIN_WORK)
         # compiled, only (pairs, D) statistics are written; eager ops write (pairs, L, D) ones
         per_pair = 4 * d * (6 if compiled else 4 * length)
-        smooth = self.fovea.smooth.to(tok.dtype)
         return _AdaptScore.apply(tok, scale, shift, unit, smooth, mask, kernels, compiled,
                                  self._max_pairs(per_pair, compiled))
 
