@@ -5,7 +5,6 @@ and a 2-process gloo run whose ranks read disjoint shards."""
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import os
@@ -25,8 +24,8 @@ from xmodal.cli import main
 from xmodal.data import load_dataset
 from xmodal.data.base import CrossModalDataset, GroundTruth
 from xmodal.data.features import FeatureSet, extract_features, extract_features_sharded
-from xmodal.data.webdataset import (expand_shards, iter_samples, rank_shards, shard_index, split_key, splits,
-                                    write_shards)
+from xmodal.data.webdataset import (expand_shards, extraction_bounds, iter_samples, rank_shards, shard_index,
+                                    split_key, splits, write_shards)
 from xmodal.distributed import DistEnv, session
 from xmodal.errors import ConfigError, DataError
 from xmodal.models.base import TowerOutput
@@ -226,10 +225,10 @@ def test_links_huge_members_compressed_shards_and_samples_without_image(tmp_path
     with pytest.raises(DataError, match="above max_member_bytes"):  # the limit applies to a cached index too
         load_dataset("webdataset", big, "x", max_member_bytes=4096)
 
-    gz = tmp_path / "c.tar"
-    gz.write_bytes(gzip.compress(big.read_bytes()))
-    with pytest.raises(DataError, match="gzip-compressed shard"):
-        load_dataset("webdataset", gz, "x")
+    zst = tmp_path / "c.tar"
+    zst.write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 64)  # zstd magic: no decompressor in the standard library
+    with pytest.raises(DataError, match="c.tar: zstd-compressed shard; xmodal decompresses gzip, bzip2 and xz"):
+        load_dataset("webdataset", zst, "x")
 
     noimg = _tar(tmp_path / "noimg.tar", [("k.txt", b"caption"), ("k.npy", b"\x93NUMPY")])
     with pytest.raises(DataError, match=r"noimg.tar: sample 'k' has no image member .*members: npy, txt"):
@@ -396,11 +395,12 @@ def _rank_worker(rank: int, port: int, tmp: str) -> None:
         part = extract_features(mine, PoolTower(), root / f"rank{env.rank}", batch_size=3, dtype="float32",
                                 progress=False)
         full = load_dataset("webdataset", root / "wds", "test")
-        extract_features_sharded(full, PoolTower(), root / "sharded", env=env, batch_size=3, dtype="float32",
+        extract_features_sharded(full, PoolTower(), root / "sharded", env=env, batch_size=2, dtype="float32",
                                  progress=False)
         (root / f"rank{env.rank}.json").write_text(json.dumps(
             {"shards": mine.meta["shards"], "opened": mine.meta["pixels"].shards_read(),
-             "opened_sharded": full.meta["pixels"].shards_read(), "ids": part.ids}))
+             "opened_sharded": full.meta["pixels"].shards_read(), "ids": part.ids,
+             "bounds": extraction_bounds(full, env.rank, env.world_size, 2)}))
 
 
 def _free_port() -> int:
@@ -411,13 +411,18 @@ def _free_port() -> int:
 
 def test_two_gloo_processes_read_disjoint_shards(tmp_path):
     table = load_dataset("table", _write_table(tmp_path, n=12), "test")
-    write_shards(table, tmp_path / "wds" / "test", shard_size=3, progress=False)  # 4 shards of 3 images
+    write_shards(table, tmp_path / "wds" / "test", shard_size=4, progress=False)  # 3 shards of 4 images
     mp.spawn(_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     names = [[Path(s).name for s in r["shards"]] for r in ranks]
-    assert names == [["shard-000000.tar", "shard-000001.tar"], ["shard-000002.tar", "shard-000003.tar"]]
-    for r in ranks:  # each process opened only its own shards, also in the merged sharded extraction
-        assert r["opened"] == r["shards"] and r["opened_sharded"] == r["shards"]
+    assert names == [["shard-000000.tar", "shard-000001.tar"], ["shard-000002.tar"]]
+    for r in ranks:
+        assert r["opened"] == r["shards"]
+    # sharded extraction in batches of 2: the batch cut (6) would split shard 1 between the ranks;
+    # the ranks are cut at the shard (and batch) start 4 instead, so each opened whole shards only
+    assert [r["bounds"] for r in ranks] == [[0, 4], [4, 12]]
+    assert [[Path(s).name for s in r["opened_sharded"]] for r in ranks] == [
+        ["shard-000000.tar"], ["shard-000001.tar", "shard-000002.tar"]]
     assert ranks[0]["ids"] + ranks[1]["ids"] == table.image_ids
 
     single = extract_features(table, PoolTower(), tmp_path / "single", batch_size=3, dtype="float32",

@@ -2,8 +2,9 @@
 
     xmodal inspect --format F --path P [--split S ...] [--data-arg KEY=VALUE ...] [--json] [--no-check-files]
 
-The FooDI-ML CSV and ``table`` files are streamed (see :mod:`xmodal.data.inspect`), so the
-full 2.8-million-row FooDI-ML catalogue is inspected in bounded memory.
+The FooDI-ML CSV, ``table`` files and WebDataset shards are streamed (see
+:mod:`xmodal.data.inspect`), so the full 2.8-million-row FooDI-ML catalogue, or a folder of
+shards, is inspected in bounded memory.
 """
 from __future__ import annotations
 

@@ -859,13 +859,16 @@ def extract_features_sharded(dataset: CrossModalDataset, tower: ImageTower, out_
 
     Every process calls it with the same arguments and ``env`` (a
     :class:`xmodal.distributed.DistEnv`). Rank ``r`` extracts the ``r``-th contiguous
-    shard of the images, cut on whole batches so its batches are those of a 1-process run,
+    shard of the images, cut on whole batches so its batches are those of a 1-process run (for
+    a WebDataset split, on batch starts that also start a shard where that keeps the ranks
+    balanced, so each tar is read by one rank: :func:`xmodal.data.webdataset.rank_cuts`),
     into ``<out>/.shards/`` (a resumable feature folder of its own); rank 0 then merges the
     shards into ``<out>`` through the same ``.partial`` folder and manifest-last rename as
     a 1-process extraction, so the result, manifest inputs included, is the same folder.
     Every process returns the merged :class:`FeatureSet`.
     """
-    from ..distributed import barrier, shard_bounds
+    from ..distributed import barrier
+    from .webdataset import extraction_bounds
 
     out_dir = Path(out_dir)
     if dtype not in DTYPES:
@@ -880,9 +883,8 @@ def extract_features_sharded(dataset: CrossModalDataset, tower: ImageTower, out_
     if (out_dir / MANIFEST).is_file() and not overwrite:
         return _reuse_finished(out_dir, inputs)
 
-    n = dataset.num_images
     shard_dir = lambda r: out_dir / SHARDS / f"{r:05d}-of-{env.world_size:05d}"  # noqa: E731
-    lo, hi = shard_bounds(n, env, align=batch_size)
+    lo, hi = extraction_bounds(dataset, env.rank, env.world_size, batch_size)
     if hi > lo:
         extract_features(_ShardView(dataset, lo, hi), tower, shard_dir(env.rank),  # type: ignore[arg-type]
                          tower_spec=spec, batch_size=batch_size, grid=grid, dtype=dtype, overwrite=overwrite,
@@ -891,7 +893,7 @@ def extract_features_sharded(dataset: CrossModalDataset, tower: ImageTower, out_
     if env.is_main:
         bounds = []
         for r in range(env.world_size):
-            rlo, rhi = shard_bounds(n, dataclasses.replace(env, rank=r), align=batch_size)
+            rlo, rhi = extraction_bounds(dataset, r, env.world_size, batch_size)
             if rhi > rlo:
                 bounds.append((rlo, rhi, shard_dir(r)))
         _merge_shards(dataset, out_dir, inputs, bounds, batch_size=batch_size, device=device,

@@ -5,6 +5,9 @@ Two paths give the same report. The FooDI-ML CSV and the ``table`` formats are *
 the file is read in blocks and each row is reduced to a few 64-bit keys (hashes of its
 caption, image, file path, ...), so memory grows by tens of bytes per row, never by the text
 itself: the 2.8-million-row FooDI-ML catalogue is inspected without building its dataset.
+WebDataset shards are streamed too, one sample at a time (member headers from each shard's
+index, then only the sample's ``.json``/``.txt``; image bytes are never read): each sample
+leaves its ids, caption and file label as 64-bit keys and its positives as integer pairs.
 Every other format is read split by split with its reader and described from the
 :class:`CrossModalDataset` (its ground truth, languages and files).
 
@@ -69,6 +72,16 @@ def _duplicates(keys: np.ndarray) -> int:
     return int(len(keys) - len(np.unique(keys))) if len(keys) else 0
 
 
+def _split_report(texts_per_image: np.ndarray, positives: np.ndarray, nnz: int, languages: dict | None,
+                  missing: int | None, dups: dict) -> dict:
+    """One split's report from per-image text counts and per-text positive counts."""
+    return {"images": len(texts_per_image), "texts": len(positives), "positive_pairs": int(nnz),
+            "captions_per_image": distribution(texts_per_image), "positives_per_text": distribution(positives),
+            "images_without_text": int((texts_per_image == 0).sum()),
+            "texts_without_image": int((positives == 0).sum()),
+            "languages": languages, "missing_files": missing, "duplicates": dups}
+
+
 def dataset_stats(ds: CrossModalDataset, check_files: bool = True) -> dict:
     """The report of one split read by its format's reader."""
     texts_per_image = np.bincount(ds.gt.indices, minlength=ds.num_images)
@@ -85,12 +98,8 @@ def dataset_stats(ds: CrossModalDataset, check_files: bool = True) -> dict:
     if ds.image_hashes is not None:
         dups["image_hashes"] = _duplicates(np.fromiter((hash(h) for h in ds.image_hashes), np.int64,
                                                        len(ds.image_hashes)))
-    return {"images": ds.num_images, "texts": ds.num_texts, "positive_pairs": int(ds.gt.nnz),
-            "captions_per_image": distribution(texts_per_image), "positives_per_text": distribution(positives),
-            "images_without_text": int((texts_per_image == 0).sum()),
-            "texts_without_image": int((positives == 0).sum()),
-            "languages": dict(Counter(ds.langs).most_common()) if ds.langs is not None else None,
-            "missing_files": missing, "duplicates": dups}
+    languages = dict(Counter(ds.langs).most_common()) if ds.langs is not None else None
+    return _split_report(texts_per_image, positives, ds.gt.nnz, languages, missing, dups)
 
 
 def split_names(fmt: str, path: Path) -> list[str]:
@@ -109,10 +118,11 @@ def inspect_dataset(fmt: str, path: str | Path, *, splits: list[str] | None = No
     """The report of a dataset: ``{"format", "path", "streamed", "splits": {name: stats}, ...}``.
 
     ``splits``: the splits to describe (default: every split the format lists). The FooDI-ML
-    CSV and ``table`` files are streamed (see the module docstring); other formats are read.
+    CSV, ``table`` files and WebDataset shards are streamed (see the module docstring); other
+    formats are read.
     """
     options = dict(options or {})
-    streamed = _streaming_inspector(fmt, Path(path), options)
+    streamed = _streaming_inspector(fmt, path, options, splits)
     if streamed is not None:
         report = streamed(check_files=check_files, progress=progress)
         if splits:
@@ -129,7 +139,11 @@ def inspect_dataset(fmt: str, path: str | Path, *, splits: list[str] | None = No
     return {"format": fmt, "path": str(path), "streamed": False, "splits": out}
 
 
-def _streaming_inspector(fmt: str, path: Path, options: dict) -> Callable[..., dict] | None:
+def _streaming_inspector(fmt: str, where: str | Path, options: dict,
+                         splits: list[str] | None) -> Callable[..., dict] | None:
+    if fmt == "webdataset":
+        return lambda **kw: webdataset_stats(where, splits=splits, options=options, **kw)
+    path = Path(where)
     if fmt == "foodiml" and path.exists():
         csvs = [path] if path.is_file() else sorted(path.glob("*.csv"))
         source = csvs[0] if len(csvs) == 1 else None  # else the reader explains what it expected
@@ -424,3 +438,153 @@ def table_stats(path: Path, *, image_root: str | Path | None = None, check_files
         if name is not None:
             out[str(name)] = _table_split(cols, np.flatnonzero(split_codes == code), langs, check_files)
     return {"format": "table", "path": str(path), "streamed": True, "rows": total, "splits": out}
+
+
+# WebDataset -------------------------------------------------------------------------------
+class _Ints:
+    """A growing int64 column: Python ints gathered in a short list, packed into arrays."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.buf: list[int] = []
+
+    def append(self, value: int) -> None:
+        self.buf.append(value)
+        if len(self.buf) >= BLOCK_ROWS:
+            self.parts.append(np.asarray(self.buf, np.int64))
+            self.buf = []
+
+    def array(self) -> np.ndarray:
+        if self.buf:
+            self.parts.append(np.asarray(self.buf, np.int64))
+            self.buf = []
+        if len(self.parts) > 1:
+            self.parts = [np.concatenate(self.parts)]
+        return self.parts[0] if self.parts else np.zeros(0, np.int64)
+
+
+class _Tally:
+    """What one split's samples leave behind: keys and integer pairs, never the samples."""
+
+    def __init__(self) -> None:
+        self.images = self.texts = 0
+        names = ("image_key", "label_key", "text_key", "caption_key", "text_image", "also_text", "also_key")
+        self.cols = {name: _Ints() for name in names}
+        self.langs: Counter = Counter()
+
+    def add(self, rec: Any) -> None:
+        c = self.cols
+        c["image_key"].append(hash(rec.image_id))
+        c["label_key"].append(hash(rec.label))
+        for t in rec.texts:
+            c["text_key"].append(hash(t["id"]))
+            c["caption_key"].append(hash(t["caption"]))
+            c["text_image"].append(self.images)
+            self.langs[t.get("lang")] += 1
+            for image_id in t.get("also", ()):
+                c["also_text"].append(self.texts)
+                c["also_key"].append(hash(image_id))
+            self.texts += 1
+        self.images += 1
+
+
+def _first_repeat(keys: np.ndarray) -> tuple[int, int] | None:
+    """``(j, i)``: the first element ``j`` whose key an earlier element ``i`` already had, or None."""
+    if not len(keys):
+        return None
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    first_of = first[inverse.reshape(-1)]  # (N,) first element with each element's key
+    repeats = np.flatnonzero(first_of != np.arange(len(keys)))
+    return (int(repeats[0]), int(first_of[repeats[0]])) if len(repeats) else None
+
+
+def _records_at(records: Iterator[Any], wanted: set[int]) -> dict[int, Any]:
+    """The records at positions ``wanted`` of a fresh stream (to name a problem's samples)."""
+    out: dict[int, Any] = {}
+    for k, rec in enumerate(records):
+        if k in wanted:
+            out[k] = rec
+            if len(out) == len(wanted):
+                break
+    return out
+
+
+def _check_ids(tally: _Tally, text_image: np.ndarray, restream: Callable[[], Iterator[Any]]) -> None:
+    """Raise the reader's error for the first duplicate image or text id, in reading order."""
+    img = _first_repeat(tally.cols["image_key"].array())
+    txt = _first_repeat(tally.cols["text_key"].array())
+    if img is not None and (txt is None or img[0] <= text_image[txt[0]]):
+        j, i = img
+        recs = _records_at(restream(), {i, j})
+        raise DataError(f"{recs[j].loc}: duplicate image id {recs[j].image_id!r} (first at {recs[i].loc})")
+    if txt is not None:
+        j, i = txt
+        a, b = int(text_image[j]), int(text_image[i])
+        recs = _records_at(restream(), {a, b})
+        text_id = recs[a].texts[j - int(np.searchsorted(text_image, a))]["id"]
+        raise DataError(f"{recs[a].loc}: duplicate text id {text_id!r} (first at {recs[b].loc})")
+
+
+def _also_images(tally: _Tally, text_image: np.ndarray, restream: Callable[[], Iterator[Any]]) -> np.ndarray:
+    """The image each ``also`` reference names; the reader's error for one that names no image."""
+    image_key, also_key = tally.cols["image_key"].array(), tally.cols["also_key"].array()
+    order = np.argsort(image_key, kind="stable")
+    pos = np.minimum(np.searchsorted(image_key[order], also_key), max(len(order) - 1, 0))
+    known = image_key[order][pos] == also_key if len(order) else np.zeros(len(also_key), bool)
+    if not known.all():
+        a = int(np.flatnonzero(~known)[0])
+        t = int(tally.cols["also_text"].array()[a])
+        i = int(text_image[t])
+        rec = _records_at(restream(), {i})[i]
+        text = rec.texts[t - int(np.searchsorted(text_image, i))]
+        image_id = next(x for x in text["also"] if hash(x) == also_key[a])
+        raise DataError(f"{rec.loc}: text {text['id']!r} also matches image {image_id!r}, "
+                        "which is in none of the shards read")
+    return order[pos]
+
+
+def _tally_report(tally: _Tally, restream: Callable[[], Iterator[Any]]) -> dict:
+    """The report :func:`dataset_stats` gives for the dataset the reader would build."""
+    text_image = tally.cols["text_image"].array()  # (T,) nondecreasing: texts follow their image
+    _check_ids(tally, text_image, restream)
+    also_image = _also_images(tally, text_image, restream)
+    n = max(tally.images, 1)
+    t = np.concatenate([np.arange(tally.texts, dtype=np.int64), tally.cols["also_text"].array()])
+    i = np.concatenate([text_image, also_image])
+    pairs = np.unique(t * n + i)  # (P,) distinct (text, image) pairs, as GroundTruth.from_pairs keeps them
+    positives = np.bincount(pairs // n, minlength=tally.texts)
+    texts_per_image = np.bincount(pairs % n, minlength=tally.images)
+    languages = None
+    if tally.texts and None not in tally.langs:
+        languages = dict(tally.langs.most_common())
+    dups = {"captions": _duplicates(tally.cols["caption_key"].array()),
+            "image_files": _duplicates(tally.cols["label_key"].array())}
+    return _split_report(texts_per_image, positives, len(pairs), languages, None, dups)
+
+
+def webdataset_stats(path: str | Path, *, splits: list[str] | None = None, options: dict | None = None,
+                     check_files: bool = True, progress: bool = True) -> dict:
+    """The report of WebDataset shards, streamed one sample at a time (see the module docstring).
+
+    Equal to the report of the datasets the reader builds (the same errors for what the reader
+    refuses); ``shards`` adds each split's shard count. ``check_files`` has nothing to check:
+    images are shard members, and a sample without one is an error, as in the reader.
+    """
+    from . import webdataset as wds
+
+    opts = wds.reader_options(**(options or {}))
+    names = splits or wds.splits(path)
+    read_opts = {k: opts[k] for k in ("image_ext", "text_mode", "max_member_bytes")}
+    out, shard_counts = {}, {}
+    for split in names:
+        found = wds.split_shards(path, split, opts["shard_split"])
+        tally = _Tally()
+        with make_progress(transient=True, enabled=None if progress else False, stderr=True) as bar:
+            task = bar.add_task(f"inspecting {split} (shards)", total=len(found.shards))
+            for rec in wds.iter_records(found, **read_opts, on_shard=lambda s: bar.advance(task, 1)):
+                tally.add(rec)
+        if not tally.images:
+            raise DataError(f"{path}: the shards hold no samples")
+        out[split] = _tally_report(tally, lambda found=found: wds.iter_records(found, **read_opts))
+        shard_counts[split] = len(found.shards)
+    return {"format": "webdataset", "path": str(path), "streamed": True, "splits": out, "shards": shard_counts}

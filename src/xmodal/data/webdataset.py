@@ -5,7 +5,14 @@ member name up to the first dot of its base name (``000000123.jpg``, ``000000123
 ``000000123.json`` are one sample). ``path`` is one ``.tar``, a brace pattern
 (``shards-{000000..000099}.tar``, expanded with ``braceexpand`` as the ``webdataset``
 library does; ``{split}`` is replaced by the split name first), or a folder of shards
-(``DIR/{split}/*.tar`` when that folder exists, else ``DIR/*.tar``).
+(``DIR/{split}/*.tar`` when that folder exists, else ``DIR/*.tar``; ``.tar.gz``, ``.tgz``,
+``.tar.bz2`` and ``.tar.xz`` shards count too).
+
+**Compressed shards.** Random access needs byte offsets, which a compressed stream does not
+have, so a gzip, bzip2 or xz shard is decompressed once into the xmodal cache
+(``<cache>/webdataset/plain/``, with a progress bar; it needs the shard's uncompressed size
+free there) and read from that copy, which is rebuilt when the shard's size or mtime changes,
+like the ``.idx`` sidecar. Messages and ``image_paths`` still name the compressed shard.
 
 **Random access.** Each shard is scanned once, headers only, into an index of member
 offsets: a ``.idx`` sidecar beside it (JSON; in the xmodal cache when the shard's folder
@@ -22,22 +29,28 @@ CLIP_benchmark's retrieval shards hold them), else from a ``caption`` in ``.json
 (img2dataset). Image ids are the ``.json``'s ``image_id``, else the key.
 
 **Safety.** Member names that are absolute or contain ``..``, links and device members,
-members larger than ``max_member_bytes`` and compressed shards are refused with an error
+members larger than ``max_member_bytes`` and zstd-compressed shards are refused with an error
 naming the shard and member; members with other extensions (``.pyd``, ``.pickle``, ``.npy``
 ...) are never read, let alone unpickled.
 """
 from __future__ import annotations
 
+import bz2
+import errno
+import gzip
 import hashlib
 import io
 import json
 import logging
+import lzma
 import os
+import shutil
 import tarfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -62,6 +75,11 @@ MANIFEST = "manifest.json"
 URI_SCHEME = "wds://"
 _OPTIONS = ("image_ext", "text", "max_member_bytes", "max_pixels", "shard_split")
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+_OPENERS: dict[str, Callable[[Any], Any]] = {"gzip": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
+                                             "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile}
+#: file names read as shards (a compressed one is decompressed into the cache once)
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+PLAIN_FORMAT = "xmodal-decompressed-shard"
 
 PATTERN_FORMATS.add("webdataset")
 
@@ -77,9 +95,9 @@ def expand_shards(path: str | Path, split: str | None = None) -> list[Path]:
     p = Path(text).expanduser()
     if p.is_dir():
         folder = p / split if split is not None and (p / split).is_dir() else p
-        shards = sorted(folder.glob("*.tar"))
+        shards = _shards_in(folder)
         if not shards:
-            have = sorted(d.name for d in p.iterdir() if d.is_dir() and any(d.glob("*.tar")))
+            have = sorted(d.name for d in p.iterdir() if d.is_dir() and _shards_in(d))
             hint = f"; splits present: {', '.join(have)}" if have else ""
             raise DataError(f"{p}: no .tar shards in {folder}{hint}")
         return shards
@@ -89,16 +107,20 @@ def expand_shards(path: str | Path, split: str | None = None) -> list[Path]:
         raise DataError(f"{missing[0]}: no such shard ({len(missing)} of the {len(shards)} shards "
                         f"{text!r} names are missing)")
     for s in shards:
-        if not s.name.endswith(".tar"):
-            raise DataError(f"{s}: not a .tar shard (xmodal reads uncompressed tar files)")
+        if not s.name.endswith(SHARD_SUFFIXES):
+            raise DataError(f"{s}: not a tar shard (xmodal reads {', '.join(SHARD_SUFFIXES)} files)")
     return shards
+
+
+def _shards_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.endswith(SHARD_SUFFIXES) and p.is_file())
 
 
 def splits(path: str | Path) -> list[str]:
     """Split folders holding shards (``DIR/{split}/*.tar``), else ``["all"]``."""
     p = Path(path)
     if p.is_dir():
-        found = sorted(d.name for d in p.iterdir() if d.is_dir() and any(d.glob("*.tar")))
+        found = sorted(d.name for d in p.iterdir() if d.is_dir() and _shards_in(d))
         if found:
             return found
     return ["all"]
@@ -114,6 +136,48 @@ def rank_shards(shards: Sequence[Any], env: Any) -> list[Any]:
                         "one; write smaller shards (xmodal export --shard-size) or run fewer processes")
     lo, hi = shard_bounds(len(shards), env)
     return list(shards[lo:hi])
+
+
+def rank_cuts(n: int, world_size: int, batch_size: int, shard_starts: np.ndarray | None) -> list[int]:
+    """Where sharded extraction cuts ``n`` images between ``world_size`` ranks (rank ``r`` gets
+    images ``cuts[r]..cuts[r+1]``).
+
+    Cuts always fall on whole batches (:func:`xmodal.distributed.shard_bounds`), so every rank
+    runs exactly the batches of a 1-process run and the merged features are bit-identical to it
+    (a convolutional tower's output on CPU changes in the last bits with its batch). With
+    ``shard_starts`` (a WebDataset split: the image where each shard begins), each cut moves to
+    the nearest shard start that is also a batch start (the lower one on a tie), so that every
+    rank reads whole shards, as long as that keeps the work balanced: the busiest rank gets at
+    most 10% more images, or one batch more, than under the plain batch cuts. Otherwise the batch
+    cuts stay, and a shard on a cut is read, by offset, by the two ranks either side. Shards of
+    a multiple of the batch size (``xmodal export --shard-size 1024`` for batches of 64) are
+    always cut whole when their count allows a balanced split.
+    """
+    from ..distributed import DistEnv, shard_bounds
+
+    cuts = [shard_bounds(n, DistEnv(rank=r, world_size=world_size), align=batch_size)[0]
+            for r in range(world_size)] + [n]
+    if shard_starts is None or world_size == 1:
+        return cuts
+    starts = np.asarray(shard_starts, np.int64)
+    starts = np.union1d(starts[starts % batch_size == 0], [0, n])  # (C,) sorted: shard and batch starts, the end
+    near = []
+    for c in cuts[1:-1]:
+        k = int(np.searchsorted(starts, c))  # starts[k - 1] < c <= starts[k]
+        lo, hi = int(starts[max(k - 1, 0)]), int(starts[min(k, len(starts) - 1)])
+        near.append(hi if hi - c < c - lo else lo)
+    snapped = [0, *near, n]
+    busiest, ideal = max(np.diff(snapped)), max(np.diff(cuts))
+    return snapped if busiest <= ideal + max(batch_size, int(0.1 * ideal)) else cuts
+
+
+def extraction_bounds(dataset: CrossModalDataset, rank: int, world_size: int, batch_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s images ``[lo, hi)`` in sharded feature extraction (:func:`rank_cuts`): on
+    shard boundaries for a WebDataset split read in shard order, else on batch boundaries."""
+    pixels = dataset.meta.get("pixels") if isinstance(dataset.meta, dict) else None
+    starts = pixels.shard_starts() if isinstance(pixels, TarImages) else None
+    cuts = rank_cuts(dataset.num_images, world_size, batch_size, starts)
+    return cuts[rank], cuts[rank + 1]
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -147,14 +211,25 @@ def _check_member(shard: Path, m: tarfile.TarInfo, max_bytes: int) -> None:
         raise DataError(f"{shard}: member {m.name!r} has no extension, so it belongs to no sample field")
 
 
-def scan_shard(shard: Path, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> ShardIndex:
-    """Read every member header of ``shard`` (no member data) and check it."""
-    with open(shard, "rb") as f:
-        head = f.read(6)
-    for magic, kind in _COMPRESSED.items():
-        if head.startswith(magic):
-            raise DataError(f"{shard}: {kind}-compressed shard; xmodal reads uncompressed .tar shards "
-                            "(random access by offset): decompress it first")
+def compression(shard: Path) -> str | None:
+    """``"gzip"``, ``"bzip2"``, ``"xz"`` or ``"zstd"`` when ``shard`` starts with that format's magic, else None."""
+    try:
+        with open(shard, "rb") as f:
+            head = f.read(6)
+    except OSError as exc:
+        raise DataError(f"{shard}: cannot read the shard: {exc}") from None
+    return next((kind for magic, kind in _COMPRESSED.items() if head.startswith(magic)), None)
+
+
+def scan_shard(shard: Path, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+               name: Path | None = None) -> ShardIndex:
+    """Read every member header of the uncompressed tar ``shard`` (no member data) and check it;
+    messages call it ``name`` (the compressed shard it was decompressed from) when given."""
+    label = name or shard
+    kind = compression(shard)
+    if kind is not None:
+        raise DataError(f"{shard}: {kind}-compressed shard; members are read by offset, so read it through "
+                        "plain_shard (its decompressed copy)")
     names: list[str] = []
     offsets: list[int] = []
     sizes: list[int] = []
@@ -164,12 +239,12 @@ def scan_shard(shard: Path, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) ->
                 tf.members.clear()  # keep memory flat on large shards
                 if m.isdir():
                     continue
-                _check_member(shard, m, max_member_bytes)
+                _check_member(label, m, max_member_bytes)
                 names.append(m.name)
                 offsets.append(m.offset_data)
                 sizes.append(m.size)
     except tarfile.TarError as exc:
-        raise DataError(f"{shard}: not a readable tar file: {exc}") from None
+        raise DataError(f"{label}: not a readable tar file: {exc}") from None
     return ShardIndex(shard, names, np.asarray(offsets, np.int64), np.asarray(sizes, np.int64))
 
 
@@ -197,18 +272,20 @@ def _load_index(shard: Path, stamp: dict) -> ShardIndex | None:
     return None
 
 
-def shard_index(shard: Path, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> ShardIndex:
-    """The member index of ``shard``: its ``.idx`` sidecar when current, else a scan that writes one."""
+def shard_index(shard: Path, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                name: Path | None = None) -> ShardIndex:
+    """The member index of ``shard``: its ``.idx`` sidecar when current, else a scan that writes one
+    (``name``: the shard as messages call it, see :func:`scan_shard`)."""
     stamp = _stamp(shard)
     idx = _load_index(shard, stamp)
     if idx is not None:
         too_big = np.flatnonzero(idx.sizes > max_member_bytes)
         if len(too_big):
             k = int(too_big[0])
-            raise DataError(f"{shard}: member {idx.names[k]!r} is {int(idx.sizes[k]):,} bytes, "
+            raise DataError(f"{name or shard}: member {idx.names[k]!r} is {int(idx.sizes[k]):,} bytes, "
                             f"above max_member_bytes={max_member_bytes:,}")
         return idx
-    idx = scan_shard(shard, max_member_bytes)
+    idx = scan_shard(shard, max_member_bytes, name)
     blob = json.dumps({**stamp, "names": idx.names, "offsets": idx.offsets.tolist(), "sizes": idx.sizes.tolist()})
     for loc in _index_locations(shard):
         try:
@@ -217,6 +294,117 @@ def shard_index(shard: Path, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -
         except OSError as exc:  # a read-only shard folder: the cache copy
             logger.debug("cannot write %s (%s)", loc, exc)
     return idx
+
+
+# compressed shards ------------------------------------------------------------------------
+def _plain_locations(shard: Path) -> tuple[Path, Path]:
+    digest = hashlib.sha256(str(shard.resolve()).encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    folder = cache_dir() / "webdataset" / "plain"
+    return folder / f"{digest}.tar", folder / f"{digest}.json"
+
+
+def _expected_size(shard: Path, kind: str, compressed: int) -> int:
+    """Bytes the decompressed shard needs at least: gzip's trailer (size mod 2**32), else the compressed size."""
+    if kind == "gzip" and compressed >= 4:
+        with open(shard, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(f.read(4), "little")
+        while isize < compressed:  # the trailer keeps the size modulo 4 GiB
+            isize += 1 << 32
+        return isize
+    return compressed
+
+
+class _Corrupt(Exception):
+    """The compressed stream could not be read (raised inside the atomic write, turned into a DataError)."""
+
+
+def _copy_decompressed(shard: Path, kind: str, tmp: Path, compressed: int) -> None:
+    with open(shard, "rb") as raw, _OPENERS[kind](raw) as src, open(tmp, "wb") as dst, \
+            progress_bar(f"decompressing {shard.name}", compressed) as advance:
+        done = 0
+        while True:
+            try:
+                chunk = src.read(1 << 20)
+            except (EOFError, OSError, lzma.LZMAError) as exc:  # gzip.BadGzipFile is an OSError
+                raise _Corrupt(str(exc)) from None
+            if not chunk:
+                break
+            dst.write(chunk)
+            advance(raw.tell() - done)
+            done = raw.tell()
+
+
+def _decompress(shard: Path, kind: str, out: Path, compressed: int) -> None:
+    need = _expected_size(shard, kind, compressed)
+    hint = "point XMODAL_CACHE at a larger disk or decompress the shards yourself"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out.parent).free
+        if free < need:
+            raise DataError(f"{shard}: decompressing this {kind} shard needs about {need:,} bytes in "
+                            f"{out.parent}, which has {free:,} free; {hint}")
+        atomic_write(out, lambda tmp: _copy_decompressed(shard, kind, tmp, compressed))
+    except _Corrupt as exc:
+        raise DataError(f"{shard}: corrupt or truncated {kind} data: {exc}") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DataError(f"{shard}: no space left in {out.parent} while decompressing it; {hint}") from None
+        raise DataError(f"{shard}: cannot write its decompressed copy in {out.parent}: {exc}") from None
+
+
+def plain_shard(shard: Path) -> Path:
+    """``shard`` itself when it is an uncompressed tar; for a gzip, bzip2 or xz shard, its decompressed
+    copy in the xmodal cache, made once and remade when the shard's size or mtime changes."""
+    kind = compression(shard)
+    if kind is None:
+        return shard
+    if kind not in _OPENERS:
+        raise DataError(f"{shard}: {kind}-compressed shard; xmodal decompresses gzip, bzip2 and xz shards, "
+                        f"not {kind}: decompress it first")
+    out, stamp_path = _plain_locations(shard)
+    st = shard.stat()
+    stamp = {"format": PLAIN_FORMAT, "source": str(shard.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if _plain_is_current(out, stamp_path, stamp):
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{shard}: cannot write its decompressed copy in {out.parent}: {exc}") from None
+    with _exclusive(stamp_path.with_suffix(".lock")):  # processes on one machine decompress a shard once
+        if not _plain_is_current(out, stamp_path, stamp):
+            logger.info("%s: decompressing into %s", shard, out)
+            _decompress(shard, kind, out, st.st_size)
+            atomic_write_json(stamp_path, {**stamp, "plain_bytes": out.stat().st_size})
+    return out
+
+
+def _plain_is_current(out: Path, stamp_path: Path, stamp: dict) -> bool:
+    try:
+        return json.loads(stamp_path.read_text(encoding="utf-8")) == {**stamp, "plain_bytes": out.stat().st_size}
+    except (OSError, ValueError):
+        return False
+
+
+@contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``lock`` (``flock``; none where it does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: two processes may both decompress; the renames keep it correct
+        yield
+        return
+    try:
+        f = open(lock, "a+b")
+    except OSError:  # an unwritable cache: decompressing fails with its own message
+        yield
+        return
+    with f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 # reading members --------------------------------------------------------------------------
@@ -254,11 +442,14 @@ class TarImages:
     :func:`xmodal.data.images.open_image` (the same checks and pixels as an image file);
     :meth:`read_bytes` gives the stored bytes. The object pickles without open files, so it
     goes into DataLoader workers; ``shards_read()`` lists the shards this process opened.
+    ``shards`` are the files read (uncompressed tars); ``names``, when given, the shards as the
+    dataset names them (a compressed shard, for its decompressed copy), used in labels.
     """
 
     def __init__(self, shards: Sequence[str], refs: np.ndarray, members: Sequence[str],
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, names: Sequence[str] | None = None) -> None:
         self.shards = [str(s) for s in shards]
+        self.names = [str(s) for s in names] if names is not None else list(self.shards)
         self.refs = np.asarray(refs, dtype=np.int64).reshape(-1, 3)  # (N, 3): shard, offset, size
         self.members = list(members)
         self.max_pixels = max_pixels
@@ -269,7 +460,7 @@ class TarImages:
         return len(self.members)
 
     def label(self, i: int) -> str:
-        return f"{self.shards[int(self.refs[i, 0])]}::{self.members[i]}"
+        return f"{self.names[int(self.refs[i, 0])]}::{self.members[i]}"
 
     def ext(self, i: int) -> str:
         return split_key(self.members[i])[1].lower()
@@ -284,10 +475,19 @@ class TarImages:
 
     def select(self, keep: np.ndarray | Sequence[int]) -> "TarImages":
         keep = np.asarray(keep, dtype=np.int64)
-        return TarImages(self.shards, self.refs[keep], [self.members[k] for k in keep], self.max_pixels)
+        return TarImages(self.shards, self.refs[keep], [self.members[k] for k in keep], self.max_pixels, self.names)
 
     def shards_read(self) -> list[str]:
-        return [self.shards[s] for s in sorted(self._read)]
+        return [self.names[s] for s in sorted(self._read)]
+
+    def shard_starts(self) -> np.ndarray | None:
+        """Image positions where a new shard begins (0 first), or None when images are not grouped
+        by shard (a selection that interleaves shards)."""
+        s = self.refs[:, 0]  # (N,) shard of each image
+        if not len(s):
+            return np.zeros(1, np.int64)
+        starts = np.concatenate([[0], np.flatnonzero(s[1:] != s[:-1]) + 1]).astype(np.int64)
+        return starts if len(np.unique(s[starts])) == len(starts) else None
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_read")}
@@ -307,7 +507,8 @@ def group_samples(names: Sequence[str]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _pick_image(shard: Path, key: str, members: dict[str, int], image_ext: str | None) -> int:
+def pick_image(shard: Path, key: str, members: dict[str, int], image_ext: str | None) -> int:
+    """The member index of a sample's image: ``image_ext``'s member, else the first of :data:`IMAGE_EXTS`."""
     lowered = {ext.lower(): k for ext, k in members.items()}
     for ext in ([image_ext] if image_ext else IMAGE_EXTS):
         if ext in lowered:
@@ -445,20 +646,79 @@ class _Builder:
         return langs, fields
 
 
-def _read_shard(b: _Builder, s: int, idx: ShardIndex, root: Path, files: _Files, image_ext: str | None,
-                text_mode: str) -> None:
-    shard = idx.path
-    b.shards.append(str(shard))
-    rel = os.path.relpath(shard.absolute(), root)
-    read = lambda k: files.read(str(shard), int(idx.offsets[k]), int(idx.sizes[k]))  # noqa: E731
-    for key, members in group_samples(idx.names).items():
-        img = _pick_image(shard, key, members, image_ext)
-        json_id, texts = sample_texts(read, shard, key, members, idx.names, text_mode)
-        loc = f"{shard}::{key}"
-        i = b.add_image(json_id or key, loc, (s, int(idx.offsets[img]), int(idx.sizes[img])), idx.names[img],
-                        f"{URI_SCHEME}{rel}::{idx.names[img]}")
-        for t in texts:
-            b.add_text(t, i, loc)
+@dataclass
+class SampleRecord:
+    """One sample as the reader sees it: where its image is and its texts (no image bytes)."""
+
+    shard: int  # position of its shard in the split's shard list
+    key: str
+    loc: str  # SHARD::KEY, for messages
+    image_id: str
+    member: str  # the image member's name
+    offset: int
+    size: int
+    label: str  # wds://SHARD::MEMBER, SHARD relative to the shards' common folder
+    texts: list[dict]
+
+
+@dataclass
+class SplitShards:
+    """The shards of one split: as named (``shards``), as read (``plain``: decompressed copies of
+    compressed shards), and their common folder ``root`` that labels are relative to."""
+
+    shards: list[Path]
+    plain: list[Path]
+    root: Path
+
+
+def split_shards(path: str | Path, split: str, shard_split: str = "none") -> SplitShards:
+    """The shards ``path`` names for ``split`` (this process's with ``shard_split="rank"``),
+    compressed ones decompressed into the cache (:func:`plain_shard`)."""
+    shards = [s.absolute() for s in expand_shards(path, split)]
+    if shard_split == "rank":
+        from ..distributed import env_from_environ
+
+        shards = rank_shards(shards, env_from_environ())
+    root = Path(os.path.commonpath([str(s.parent) for s in shards]))
+    return SplitShards(shards, [plain_shard(s) for s in shards], root)
+
+
+def iter_records(found: SplitShards, *, image_ext: str | None = None, text_mode: str = "one",
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                 on_shard: Callable[[int], None] | None = None) -> Iterator[SampleRecord]:
+    """Stream the samples of ``found``'s shards, one at a time, in the reader's order: member
+    headers come from each shard's index, and only text members (``.json``, ``.txt``) are read.
+    ``on_shard(s)`` is called after shard ``s``'s last sample."""
+    files = _Files()
+    try:
+        for s, (shard, plain) in enumerate(zip(found.shards, found.plain)):
+            idx = shard_index(plain, max_member_bytes, shard)
+            rel = os.path.relpath(shard, found.root)
+            read = lambda k, p=str(plain), i=idx: files.read(p, int(i.offsets[k]), int(i.sizes[k]))  # noqa: E731
+            for key, members in group_samples(idx.names).items():
+                img = pick_image(shard, key, members, image_ext)
+                json_id, texts = sample_texts(read, shard, key, members, idx.names, text_mode)
+                member = idx.names[img]
+                yield SampleRecord(s, key, f"{shard}::{key}", json_id or key, member, int(idx.offsets[img]),
+                                   int(idx.sizes[img]), f"{URI_SCHEME}{rel}::{member}", texts)
+            if on_shard is not None:
+                on_shard(s)
+    finally:
+        files.close()
+
+
+def reader_options(image_ext: str | None = None, text: str = "one", max_member_bytes: Any = DEFAULT_MAX_MEMBER_BYTES,
+                   max_pixels: Any = DEFAULT_MAX_PIXELS, shard_split: str = "none", **unknown: Any) -> dict:
+    """The reader's options checked and normalised (an unknown or bad one is a ConfigError)."""
+    check_options("webdataset", unknown, _OPTIONS)
+    if text not in ("one", "lines"):
+        raise ConfigError(f"dataset format 'webdataset': option text must be one or lines, got {text!r}")
+    if shard_split not in ("none", "rank"):
+        raise ConfigError(f"dataset format 'webdataset': option shard_split must be none or rank, got {shard_split!r}")
+    return {"image_ext": str(image_ext).lower().lstrip(".") if image_ext else None, "text_mode": text,
+            "max_member_bytes": int_option("webdataset", "max_member_bytes", max_member_bytes),
+            "max_pixels": None if max_pixels in (None, 0) else int_option("webdataset", "max_pixels", max_pixels),
+            "shard_split": shard_split}
 
 
 def _dataset_name(path: str | Path) -> str:
@@ -472,45 +732,35 @@ def _dataset_name(path: str | Path) -> str:
 
 
 @DATASETS.register("webdataset")
-def read(path: str | Path, split: str, *, image_ext: str | None = None, text: str = "one",
-         max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-         shard_split: str = "none", **unknown: Any) -> CrossModalDataset:
+def read(path: str | Path, split: str, **options: Any) -> CrossModalDataset:
     """Read the samples of WebDataset shards (see the module docstring).
 
-    ``shard_split="rank"`` reads only this process's shards under ``torchrun``
-    (:func:`rank_shards`: contiguous, disjoint between ranks and nodes).
+    Options: ``image_ext`` (the member read as the image), ``text`` (``one`` or ``lines``),
+    ``max_member_bytes``, ``max_pixels``, and ``shard_split="rank"``, which reads only this
+    process's shards under ``torchrun`` (:func:`rank_shards`: contiguous, disjoint between
+    ranks and nodes).
     """
-    check_options("webdataset", unknown, _OPTIONS)
-    if text not in ("one", "lines"):
-        raise ConfigError(f"dataset format 'webdataset': option text must be one or lines, got {text!r}")
-    if shard_split not in ("none", "rank"):
-        raise ConfigError(f"dataset format 'webdataset': option shard_split must be none or rank, got {shard_split!r}")
-    max_member_bytes = int_option("webdataset", "max_member_bytes", max_member_bytes)
-    max_pixels = None if max_pixels in (None, 0) else int_option("webdataset", "max_pixels", max_pixels)
-    image_ext = str(image_ext).lower().lstrip(".") if image_ext else None
-    shards = [s.absolute() for s in expand_shards(path, split)]
-    if shard_split == "rank":
-        from ..distributed import env_from_environ
-
-        shards = rank_shards(shards, env_from_environ())
-    root = Path(os.path.commonpath([str(s.parent) for s in shards]))
-    b, files = _Builder(), _Files()
-    try:
-        with progress_bar("reading shards", len(shards)) as advance:
-            for s, shard in enumerate(shards):
-                _read_shard(b, s, shard_index(shard, max_member_bytes), root, files, image_ext, text)
-                advance(1)
-    finally:
-        files.close()
+    opts = reader_options(**options)
+    found = split_shards(path, split, opts["shard_split"])
+    b = _Builder()
+    b.shards = [str(s) for s in found.shards]
+    with progress_bar("reading shards", len(found.shards)) as advance:
+        for rec in iter_records(found, image_ext=opts["image_ext"], text_mode=opts["text_mode"],
+                                max_member_bytes=opts["max_member_bytes"], on_shard=lambda s: advance(1)):
+            i = b.add_image(rec.image_id, rec.loc, (rec.shard, rec.offset, rec.size), rec.member, rec.label)
+            for t in rec.texts:
+                b.add_text(t, i, rec.loc)
     if not b.image_ids:
         raise DataError(f"{path}: the shards hold no samples")
     langs, fields = b.text_extras()
+    shards = [str(s) for s in found.shards]
     return CrossModalDataset(
         name=_dataset_name(path), split=split,
         image_ids=b.image_ids, text_ids=b.text_ids, captions=b.captions, gt=b.ground_truth(),
-        image_paths=b.labels, langs=langs, fields=fields, root=root,
-        meta={"format": "webdataset", "source": str(path), "shards": [str(s) for s in shards],
-              "pixels": TarImages([str(s) for s in shards], np.asarray(b.refs, np.int64), b.members, max_pixels)},
+        image_paths=b.labels, langs=langs, fields=fields, root=found.root,
+        meta={"format": "webdataset", "source": str(path), "shards": shards,
+              "pixels": TarImages([str(p) for p in found.plain], np.asarray(b.refs, np.int64), b.members,
+                                  opts["max_pixels"], names=shards)},
     )
 
 
