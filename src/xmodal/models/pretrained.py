@@ -9,7 +9,9 @@ A pretrained vision-language model becomes two towers, ``pretrained_image`` and
   ``save_pretrained``. A folder is read with ``local_files_only=True``; a hub name goes through
   the ``transformers`` cache (offline and not cached: an :class:`~xmodal.errors.XmodalError`).
 - ``open_clip:ARCH:PRETRAINED_OR_FILE``: an ``open-clip-torch`` model (optional extra; it needs
-  torchvision).
+  torchvision): ``ARCH`` an OpenCLIP architecture or a model config JSON, then a pretrained tag
+  (the hub or its cache) or a weight file, read without unpickling objects (safetensors, or
+  ``torch.load(weights_only=True)``).
 
 A tower's pooled vector is the model's own embedding (``get_image_features`` /
 ``get_text_features``: CLIP's EOS pooling and projection, SigLIP's attention-pooling head), so
@@ -21,13 +23,15 @@ cross-encoder can use them as region tokens.
 
 Preprocessing is the model's own, re-implemented without torchvision: the image processor's
 resize (shortest edge or fixed size, its resampling filter), center crop, rescale and
-normalisation (read from the processor ``transformers`` loads with its PIL backend), and the
-model's tokenizer (SigLIP pads to ``max_length`` as it was trained).
+normalisation (read from the processor ``transformers`` loads with its PIL backend, or from an
+OpenCLIP model's ``preprocess_cfg``: torchvision's rounded center crop), and the model's tokenizer
+(SigLIP pads to ``max_length`` as it was trained, OpenCLIP to its context length).
 
 Each tower loads the whole checkpoint and keeps its own half (the other half is dropped), so a
-dual encoder reads the checkpoint twice. ``sha256`` pins the weights of an ``hf:`` folder: the
-tower checks the digest of its ``*.safetensors`` files (:func:`weights_digest`) before loading
-them (``xmodal pretrained`` writes runs that pin their copy of the model this way).
+dual encoder reads the checkpoint twice. ``sha256`` pins the weights of an ``hf:`` folder (or an
+``open_clip:`` weight file and config JSON): the tower checks the digest of those files
+(:func:`source_digest`) before loading them (``xmodal pretrained`` writes runs that pin their
+copy of the model, or the OpenCLIP files they name, this way).
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..errors import ConfigError, XmodalError
+from ..errors import ConfigError, XmodalError, where
 from .base import IMAGE_TOWERS, TEXT_TOWERS, ImageTower, TextTower, TowerOutput
 from .image.efficientnet import pixels_to_float
 from .image.resize import check_resize, resize_image
@@ -51,6 +55,11 @@ from .image.resize import check_resize, resize_image
 log = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("hf", "open_clip")
+#: OpenCLIP's own model-name schemas: a Hugging Face repository or a local folder holding
+#: ``open_clip_config.json`` (model and preprocess config) and the weights
+OPEN_CLIP_SCHEMAS = ("hf-hub", "local-dir")
+#: OpenCLIP weight files xmodal reads: safetensors, or torch.save'd tensors (weights_only=True)
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 #: top-level children of a joint model, by side (a name containing one of these words)
 _SIDE_WORDS = {"image": ("vision", "visual", "image"), "text": ("text", "token_embedding", "transformer",
                                                                 "positional_embedding", "ln_final", "attn_mask")}
@@ -83,6 +92,11 @@ def parse_source(spec: str, field: str = "source") -> Source:
         arch, _, pretrained = rest.partition(":")
         if not arch:
             raise ConfigError(f"{field}: open_clip:ARCH:PRETRAINED_OR_FILE has no architecture: {spec!r}")
+        if arch in OPEN_CLIP_SCHEMAS:  # open_clip:hf-hub:ORG/REPO, open_clip:local-dir:DIR
+            if not pretrained:
+                what = "repository" if arch == "hf-hub" else "folder"
+                raise ConfigError(f"{field}: open_clip:{arch}: names no {what}")
+            return Source(kind, f"{arch}:{pretrained}")
         return Source(kind, arch, pretrained or None)
     return Source(kind, rest)
 
@@ -93,8 +107,12 @@ def parse_source(spec: str, field: str = "source") -> Source:
 @dataclass(frozen=True)
 class ImagePreprocessing:
     """What a model's image processor does: resize (``shortest_edge`` keeping the aspect ratio,
-    or to ``size`` = (h, w)), center crop to ``crop`` (h, w), then ``x * rescale`` and
-    ``(x - mean) / std`` per channel. ``resample`` is a PIL filter number (3 = bicubic)."""
+    to ``size`` = (h, w), or ``keep_ratio``: both sides scaled by one ratio, chosen between the
+    shortest (0) and the longest (1) side's, as OpenCLIP's ``ResizeKeepRatio``), center crop to
+    ``crop`` (h, w), padding with ``fill`` where the image is smaller, then ``x * rescale`` and
+    ``(x - mean) / std`` per channel. ``resample`` is a PIL filter number (3 = bicubic);
+    ``crop_rounding``: the crop offset ``(h - ch) // 2`` (``floor``, ``transformers``) or
+    ``int(round((h - ch) / 2))`` (``round``, torchvision's ``CenterCrop``)."""
 
     size: tuple[int, int] | None
     shortest_edge: int | None
@@ -103,6 +121,9 @@ class ImagePreprocessing:
     rescale: float
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    keep_ratio: float | None = None
+    crop_rounding: str = "floor"
+    fill: int = 0
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -118,23 +139,49 @@ class ImagePreprocessing:
         import numpy as np
 
         image = image.convert("RGB")
-        w, h = image.size
-        if self.shortest_edge is not None:
-            # transformers' get_resize_output_image_size(default_to_square=False): int(), not round()
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
-            nw, nh = (new_short, new_long) if w <= h else (new_long, new_short)
+        nw, nh = self.resized_wh(*image.size)
+        if (nw, nh) != image.size:
             image = image.resize((nw, nh), resample=self.resample)
-        elif self.size is not None:
-            image = image.resize((self.size[1], self.size[0]), resample=self.resample)
         if self.crop is not None:
-            ch, cw = self.crop
-            iw, ih = image.size
-            top, left = (ih - ch) // 2, (iw - cw) // 2
-            image = image.crop((left, top, left + cw, top + ch))  # out of the image: zeros
+            image = self._center_crop(image)
         arr = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
         # the channel move in numpy: torch's uint8 permute + contiguous is ~30x slower on CPU
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
+
+    def resized_wh(self, w: int, h: int) -> tuple[int, int]:
+        """The (w, h) an image of (w, h) is resized to before the crop."""
+        if self.shortest_edge is not None:
+            # transformers' get_resize_output_image_size(default_to_square=False) and torchvision's
+            # Resize(int): int(), not round()
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+            return (new_short, new_long) if w <= h else (new_long, new_short)
+        if self.keep_ratio is not None:
+            th, tw = self.input_hw
+            ratio_h, ratio_w = h / th, w / tw
+            ratio = max(ratio_h, ratio_w) * self.keep_ratio + min(ratio_h, ratio_w) * (1.0 - self.keep_ratio)
+            return round(w / ratio), round(h / ratio)  # timm / OpenCLIP ResizeKeepRatio: round()
+        if self.size is not None:
+            return self.size[1], self.size[0]
+        return w, h
+
+    def _center_crop(self, image: Any) -> Any:
+        """Center crop to ``crop``, padded with ``fill`` (left / top get the smaller half) where
+        the image is smaller: the processor's offsets, floored or rounded."""
+        from PIL import Image
+
+        ch, cw = self.crop
+        iw, ih = image.size
+        if self.crop_rounding == "round":  # torchvision: pad first, then int(round(d / 2)) of what is left
+            left = -((cw - iw) // 2) if cw > iw else int(round((iw - cw) / 2.0))
+            top = -((ch - ih) // 2) if ch > ih else int(round((ih - ch) / 2.0))
+        else:
+            top, left = (ih - ch) // 2, (iw - cw) // 2
+        if self.fill == 0:
+            return image.crop((left, top, left + cw, top + ch))  # out of the image: zeros
+        canvas = Image.new("RGB", (cw, ch), (self.fill,) * 3)
+        canvas.paste(image, (-left, -top))
+        return canvas
 
 
 def _hw(value: Any) -> tuple[int, int] | None:
@@ -191,7 +238,7 @@ class Loaded:
 
 def load_source(spec: str, need: str = "both", sha256: str | None = None) -> Loaded:
     """Load ``spec`` (``need``: ``image``, ``text`` or ``both`` decides which preprocessing is
-    read); ``sha256``: the :func:`weights_digest` an ``hf:`` folder must have."""
+    read); ``sha256``: the :func:`source_digest` its local files must have."""
     src = parse_source(spec)
     if sha256 is not None:
         check_digest(src, sha256)
@@ -213,14 +260,58 @@ def weights_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def absolute_spec(src: Source) -> str:
+    """The spec of ``src`` with its local files and folders by absolute path (a run's config is
+    read from anywhere)."""
+    if src.kind == "hf":
+        return f"hf:{Path(src.name).resolve()}" if src.local else f"hf:{src.name}"
+    if src.name.startswith("local-dir:"):
+        return f"open_clip:local-dir:{Path(src.name.partition(':')[2]).resolve()}"
+    parts = [str(Path(p).resolve()) if p and Path(p).is_file() else p for p in (src.name, src.pretrained)]
+    return "open_clip:" + ":".join(p for p in parts if p)
+
+
+def source_digest(src: Source) -> str | None:
+    """The digest that pins a source's weights: :func:`weights_digest` of an ``hf:`` folder; for
+    ``open_clip:`` the weight file's (and the model config JSON's, when the architecture is one)
+    sha256; None for what no local file holds (a hub name, an OpenCLIP tag)."""
+    from .run import sha256_file
+
+    if src.kind == "hf":
+        return weights_digest(Path(src.name)) if Path(src.name).is_dir() else None
+    if src.name.startswith("local-dir:"):
+        folder = Path(src.name.partition(":")[2])
+        if not (folder / "open_clip_config.json").is_file():
+            return None
+        files = [folder / "open_clip_config.json", open_clip_dir_weights(folder)]
+    elif src.pretrained and Path(src.pretrained).is_file():
+        files = [Path(src.name)] if src.name.endswith(".json") else []
+        files.append(Path(src.pretrained))
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
 def check_digest(src: Source, sha256: str) -> None:
-    """An :class:`XmodalError` unless the ``hf:`` folder of ``src`` has the weights ``sha256`` names."""
-    if src.kind != "hf" or not Path(src.name).is_dir():
-        raise ConfigError(f"sha256: pins the weights of an hf: folder, but the source is {src.kind}:{src.name}")
-    found = weights_digest(Path(src.name))
+    """An :class:`XmodalError` unless the local files of ``src`` (an ``hf:`` folder, an
+    ``open_clip:`` weight file and config) have the digest ``sha256`` names."""
+    found = source_digest(src)
+    if found is None and src.kind == "open_clip" and src.pretrained and _is_weight_file(src.pretrained):
+        raise XmodalError(f"{where(src.pretrained)}no such weight file (the run's config pins it by sha256)")
+    if found is None and src.name.startswith("local-dir:"):
+        raise XmodalError(f"{where(src.name.partition(':')[2])}no OpenCLIP model folder (open_clip_config.json) "
+                          "here; the run's config pins it by sha256")
+    if found is None:
+        raise ConfigError(f"sha256: pins the weights of an hf: folder or an open_clip: weight file, but the source "
+                          f"is {src.kind}:{src.name}{':' + src.pretrained if src.pretrained else ''}")
     if found != sha256:
-        raise XmodalError(f"{src.name}: its weight files changed since the run was written (sha256 {found[:16]}..., "
-                          f"the config pins {sha256[:16]}...): restore the folder or convert the model again")
+        what = src.pretrained if src.kind == "open_clip" and src.pretrained else src.name
+        what = what.partition("local-dir:")[2] or what
+        raise XmodalError(f"{what}: its weight files changed since the run was written (sha256 {found[:16]}..., "
+                          f"the config pins {sha256[:16]}...): restore the files or convert the model again")
 
 
 @contextmanager
@@ -290,28 +381,264 @@ def _hf_image_processor(src: Source, kw: dict) -> Any:
         raise _hf_failure(src, "image processor (preprocessor_config.json)", first) from None
 
 
-def _load_open_clip(src: Source) -> Loaded:
+def _import_open_clip(src: Source) -> Any:
     try:
         import open_clip
     except Exception as exc:  # noqa: BLE001 - ImportError, or torchvision failing inside it
         raise XmodalError(f"open_clip:{src.name}: needs open-clip-torch and a working torchvision "
                           f"(pip install 'xmodal[open_clip]'); importing it failed: {exc}") from None
+    return open_clip
+
+
+def _load_open_clip(src: Source) -> Loaded:
+    """``open_clip:ARCH[:TAG_OR_FILE]`` (an architecture name or a model config JSON),
+    ``open_clip:hf-hub:REPO`` or ``open_clip:local-dir:DIR``: the model, its weights read without
+    unpickling objects (hub downloads: OpenCLIP's ``weights_only=True``), its tokenizer and
+    preprocessing."""
+    open_clip = _import_open_clip(src)
+    schema = src.name.partition(":")[0] if src.name.partition(":")[0] in OPEN_CLIP_SCHEMAS else None
+    label = f"open_clip:{src.name}" + (f":{src.pretrained}" if src.pretrained else "")
+    if schema == "hf-hub":
+        arch, model = src.name, _open_clip_download(open_clip, src.name, None, label)
+    elif schema == "local-dir":
+        arch, model = src.name, _open_clip_from_dir(open_clip, Path(src.name.partition(":")[2]), label)
+    else:
+        arch = open_clip_arch(src, open_clip)
+        model = _open_clip_from_arch(open_clip, arch, src.pretrained, label)
     try:
-        model = open_clip.create_model(src.name, pretrained=src.pretrained)
-        tokenizer = open_clip.get_tokenizer(src.name)
-    except (RuntimeError, OSError, ValueError, KeyError) as exc:
-        raise XmodalError(f"open_clip:{src.name}:{src.pretrained or ''}: cannot load it ({exc})") from None
-    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
-    size = cfg.get("size", getattr(model.visual, "image_size", 224))
-    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}.get(cfg.get("interpolation", "bicubic"), 3)
-    squash = cfg.get("resize_mode", "shortest") == "squash"
-    pp = ImagePreprocessing(size=hw if squash else None, shortest_edge=None if squash else min(hw),
-                            crop=None if squash else hw, resample=resample, rescale=1 / 255,
-                            mean=_triple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-                            std=_triple(cfg.get("std", open_clip.OPENAI_DATASET_STD)))
-    family = "siglip" if hasattr(model, "logit_bias") and model.logit_bias is not None else "clip"
+        tokenizer = open_clip.get_tokenizer(arch)
+    except (RuntimeError, OSError, ValueError, KeyError, ImportError) as exc:  # fsspec: ImportError for http
+        raise XmodalError(f"{label}: cannot load its tokenizer ({_first_line(exc)}); a Hugging Face or SigLIP "
+                          "tokenizer needs the hub or its cache") from None
+    pp = open_clip_preprocessing(getattr(model.visual, "preprocess_cfg", {}) or {}, model.visual, open_clip)
+    family = "siglip" if getattr(model, "logit_bias", None) is not None else "clip"
     return Loaded(model.eval(), src, f"open_clip-{family}", tokenizer, pp)
+
+
+def _open_clip_from_arch(open_clip: Any, arch: str, weights: str | None, label: str) -> nn.Module:
+    """``arch`` with a pretrained tag (downloaded), a weight file (read here) or random weights."""
+    if weights and not _is_weight_file(weights):
+        return _open_clip_from_tag(open_clip, arch, weights, label)
+    model = _build_open_clip(open_clip, arch, label)
+    if weights:
+        _load_open_clip_weights(open_clip, model, Path(weights), label)
+    else:
+        log.warning("%s: no weights given (open_clip:ARCH:TAG_OR_FILE): the model is randomly initialised", label)
+    return model
+
+
+def _build_open_clip(open_clip: Any, name: str, label: str, **kw: Any) -> nn.Module:
+    """``open_clip.create_model(name)`` without weights (they are read next)."""
+    try:
+        with _quiet_open_clip():  # its "initialized randomly" warning: the weights come next
+            return open_clip.create_model(name, pretrained=None, **_no_tower_weights(open_clip), **kw)
+    except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as exc:  # timm asserts
+        raise ConfigError(f"{label}: cannot build the architecture ({_first_line(exc)})") from None
+
+
+def _open_clip_from_dir(open_clip: Any, folder: Path, label: str) -> nn.Module:
+    """An OpenCLIP model folder (``open_clip_config.json`` with ``model_cfg`` and
+    ``preprocess_cfg``, and its weights): built by OpenCLIP without weights, which are read here."""
+    if not (folder / "open_clip_config.json").is_file():
+        raise XmodalError(f"{where(folder)}no open_clip_config.json: not an OpenCLIP model folder")
+    if "load_weights" not in inspect.signature(open_clip.create_model).parameters:
+        raise XmodalError(f"{label}: this open-clip-torch cannot build a local-dir model without loading its "
+                          "weights itself; upgrade it (open-clip-torch 3)")
+    model = _build_open_clip(open_clip, f"local-dir:{folder}", label, load_weights=False)
+    _load_open_clip_weights(open_clip, model, open_clip_dir_weights(folder), label)
+    return model
+
+
+#: the weight files an OpenCLIP model folder may hold, in the order OpenCLIP prefers them
+_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
+                "model.pth")
+
+
+def open_clip_dir_weights(folder: Path) -> Path:
+    """The weight file of an OpenCLIP model folder, chosen as OpenCLIP chooses it."""
+    found = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.pth")])
+    found.sort(key=lambda f: f.suffix != ".safetensors")
+    preferred = [f for f in found if f.name in _DIR_WEIGHTS]
+    if preferred:
+        return min(preferred, key=lambda f: _DIR_WEIGHTS.index(f.name))
+    if not found:
+        raise XmodalError(f"{where(folder)}no weight file (*.safetensors, *.bin, *.pth)")
+    return found[0]
+
+
+@contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """OpenCLIP logs through the root logger; its warnings and errors (which xmodal turns into its
+    own one-line errors) are silenced while it builds."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _no_tower_weights(open_clip: Any) -> dict:
+    """Arguments that stop ``create_model`` from fetching a Hugging Face text tower's own
+    pretrained weights (the whole checkpoint is read next): ``pretrained_text`` (open_clip 3),
+    ``pretrained_hf`` (2.x)."""
+    params = inspect.signature(open_clip.create_model).parameters
+    for name in ("pretrained_text", "pretrained_hf"):
+        if name in params:
+            return {name: False}
+    return {}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _is_weight_file(weights: str) -> bool:
+    """A weight file (an existing path, or one that looks like a path), not a pretrained tag."""
+    return Path(weights).exists() or "/" in weights or Path(weights).suffix in _WEIGHT_SUFFIXES
+
+
+def open_clip_arch(src: Source, open_clip: Any) -> str:
+    """The architecture name of ``src``: a name open_clip knows, or the stem of a model config
+    JSON (``embed_dim``, ``vision_cfg``, ``text_cfg``), registered with ``add_model_config``."""
+    if not src.name.endswith(".json"):
+        if src.name.replace("/", "-") not in open_clip.list_models():
+            raise ConfigError(f"open_clip:{src.name}: unknown architecture (not in open_clip.list_models()); "
+                              "for your own, pass its model config: open_clip:CONFIG.json:WEIGHTS")
+        return src.name
+    import json
+
+    path = Path(src.name)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where(path)}cannot read the open_clip model config ({_first_line(exc)})") from None
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ConfigError(f"{where(path)}not an open_clip model config: no {', '.join(missing)}")
+    arch = path.stem
+    known = open_clip.get_model_config(arch) if arch in open_clip.list_models() else None
+    if known is not None and known != cfg and Path(path).resolve() not in _registered_configs(open_clip):
+        raise ConfigError(f"{where(path)}its name {arch!r} is an open_clip architecture with another config; "
+                          "rename the file")
+    open_clip.add_model_config(path.resolve())
+    return arch
+
+
+def _registered_configs(open_clip: Any) -> set[Path]:
+    factory = getattr(open_clip, "factory", None)
+    paths = getattr(factory, "_MODEL_CONFIG_PATHS", [])
+    return {Path(p).resolve() for p in paths}
+
+
+def _open_clip_from_tag(open_clip: Any, arch: str, tag: str, label: str) -> nn.Module:
+    """``open_clip.create_model(arch, pretrained=tag)``: the hub or its cache."""
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if tag not in tags:
+        shown = ", ".join(tags[:8]) + (f", ... ({len(tags)} in all)" if len(tags) > 8 else "")
+        raise ConfigError(f"{label}: neither a pretrained tag of {arch} (tags: {shown or 'none'}) nor a weight file")
+    return _open_clip_download(open_clip, arch, tag, label)
+
+
+def _open_clip_download(open_clip: Any, name: str, tag: str | None, label: str) -> nn.Module:
+    """``open_clip.create_model`` downloading (or reading from the hub's cache) with
+    ``weights_only=True`` loading: an open_clip that cannot say so is refused."""
+    if "weights_only" not in inspect.signature(open_clip.create_model).parameters:
+        raise XmodalError(f"{label}: this open-clip-torch cannot load checkpoints with weights_only=True; "
+                          "upgrade it, or pass a weight file (open_clip:ARCH:FILE)")
+    try:
+        with _quiet_open_clip():
+            return open_clip.create_model(name, pretrained=tag, weights_only=True)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise XmodalError(f"{label}: cannot download the weights from the Hugging Face hub or find them in its "
+                          f"cache ({_first_line(exc)}); offline, pass a weight file (open_clip:ARCH:FILE) or an "
+                          "OpenCLIP model folder (open_clip:local-dir:DIR)") from None
+
+
+def read_open_clip_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in an OpenCLIP weight file: safetensors, or ``torch.load(weights_only=True)``
+    (no arbitrary objects are unpickled); a training checkpoint's ``state_dict`` and DDP's
+    ``module.`` prefix are unwrapped, as OpenCLIP does."""
+    if not path.is_file():
+        raise XmodalError(f"{where(path)}no such weight file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise XmodalError(f"{where(path)}not a readable safetensors file ({_first_line(exc)})") from None
+    else:
+        import pickle
+
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise XmodalError(f"{where(path)}cannot read it with torch.load(weights_only=True): it is not a "
+                              f"state dict of tensors (a TorchScript archive or pickled objects?) ({_first_line(exc)})"
+                              "; convert it to safetensors") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise XmodalError(f"{where(path)}holds no state dict of tensors")
+    if next(iter(state)).startswith("module."):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _load_open_clip_weights(open_clip: Any, model: nn.Module, path: Path, label: str) -> None:
+    """OpenCLIP's ``load_checkpoint`` on a state dict read by :func:`read_open_clip_state`: old
+    formats converted, the logit terms' shapes fixed, position embeddings resized, strict."""
+    state = read_open_clip_state(path)
+    convert = getattr(getattr(open_clip, "convert", None), "convert_state_dict", None)
+    if convert is not None:
+        state = convert(model, state)
+    model_mod = getattr(open_clip, "model", None)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = model_mod.convert_to_custom_text_state_dict(state)
+    for name in _SHARED:
+        own = getattr(model, name, None)
+        if name in state and isinstance(own, torch.Tensor) and own.ndim != state[name].ndim:
+            state[name] = state[name].reshape(own.shape)
+    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
+        state["logit_bias"] = torch.zeros_like(model.logit_bias)
+    state.pop("text.transformer.embeddings.position_ids", None)
+    for resize in ("resize_pos_embed", "resize_text_pos_embed"):
+        fn = getattr(model_mod, resize, None)
+        if fn is not None:
+            fn(state, model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise XmodalError(f"{label}: the weights do not fit the architecture ({_first_line(exc)})") from None
+
+
+def open_clip_preprocessing(cfg: dict, visual: Any, open_clip: Any) -> ImagePreprocessing:
+    """OpenCLIP's evaluation transform (``image_transform(..., is_train=False)``) from a model's
+    ``visual.preprocess_cfg``: ``shortest`` (torchvision ``Resize(int)`` + ``CenterCrop`` for a
+    square size, ``ResizeKeepRatio`` (bicubic) + ``CenterCrop`` otherwise), ``squash``
+    (``Resize((h, w))``) or ``longest`` (``ResizeKeepRatio(longest=1)`` + ``CenterCropOrPad``
+    with ``fill_color``); ``ToTensor`` and ``Normalize``."""
+    size = cfg.get("size", getattr(visual, "image_size", 224))
+    hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    interpolation = cfg.get("interpolation", "bicubic")
+    filters = {"bicubic": 3, "bilinear": 2, "nearest": 0}
+    mode = cfg.get("resize_mode", "shortest")
+    if interpolation not in filters or mode not in ("shortest", "squash", "longest"):
+        raise ConfigError(f"open_clip preprocess_cfg: unsupported interpolation {interpolation!r} or resize_mode "
+                          f"{mode!r} (bicubic, bilinear, nearest; shortest, squash, longest)")
+    common = dict(rescale=1 / 255, mean=_triple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+                  std=_triple(cfg.get("std", open_clip.OPENAI_DATASET_STD)), crop_rounding="round")
+    if mode == "squash":
+        return ImagePreprocessing(size=hw, shortest_edge=None, crop=None, resample=filters[interpolation], **common)
+    if mode == "longest":
+        return ImagePreprocessing(size=None, shortest_edge=None, crop=hw, resample=filters[interpolation],
+                                  keep_ratio=1.0, fill=int(cfg.get("fill_color", 0)), **common)
+    if hw[0] == hw[1]:
+        return ImagePreprocessing(size=None, shortest_edge=hw[0], crop=hw, resample=filters[interpolation], **common)
+    # OpenCLIP builds ResizeKeepRatio(size) here with its default filter, bicubic
+    return ImagePreprocessing(size=None, shortest_edge=None, crop=hw, resample=3, keep_ratio=0.0, **common)
 
 
 @torch.no_grad()
@@ -491,17 +818,52 @@ class PretrainedImageTower(_Pretrained, ImageTower):
         return pooled, hidden
 
     def _open_clip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """OpenCLIP's ``visual`` with ``output_tokens``: its patch tokens (CLS dropped, after
+        ``ln_post``) taken into the embedding space by ``proj``; ``tokens: all`` puts the pooled
+        vector (the projected CLS token of a ``tok``-pooled ViT) first. A timm ViT trunk gives
+        its final-norm tokens through its own and OpenCLIP's heads; any other tower its pooled
+        vector as its one token."""
         visual = self.model.visual
-        visual.output_tokens = True
+        if _is_timm_vit(visual):
+            return self._timm(visual, x)
+        has_tokens = hasattr(visual, "output_tokens")
+        if has_tokens:
+            visual.output_tokens = True
         try:
             out = visual(x)
         finally:
-            visual.output_tokens = False
+            if has_tokens:
+                visual.output_tokens = False
         pooled, tokens = out if isinstance(out, tuple) else (out, out[:, None])
         proj = getattr(visual, "proj", None)
         if tokens.shape[-1] != pooled.shape[-1] and isinstance(proj, torch.Tensor):
             tokens = tokens @ proj  # (B, P, E)
+        if self.tokens_kind == "all" and isinstance(out, tuple):
+            tokens = torch.cat([pooled[:, None], tokens], dim=1)  # (B, 1 + P, E)
         return pooled, tokens
+
+    def _timm(self, visual: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """OpenCLIP's ``TimmModel`` (``head(trunk(x))``) in one pass over the trunk's features:
+        pooled as it computes it; tokens: every position (prefix tokens dropped for
+        ``patches``) through the trunk's ``fc_norm`` and classifier and OpenCLIP's head."""
+        trunk = visual.trunk
+        feats = trunk.forward_features(x)  # (B, T, D)
+        pooled = visual.head(trunk.forward_head(feats))  # (B, E)
+        tokens = feats[:, int(trunk.num_prefix_tokens):] if self.tokens_kind == "patches" else feats  # (B, P, D)
+        for layer in (getattr(trunk, "fc_norm", None), getattr(trunk, "head", None), visual.head):
+            if isinstance(layer, nn.Module):
+                tokens = layer(tokens)  # per token, as after pooling
+        return pooled, tokens  # (B, E), (B, P, E)
+
+
+def _is_timm_vit(visual: nn.Module) -> bool:
+    """An OpenCLIP ``TimmModel`` whose trunk is a timm ViT (features ``(B, T, D)``) without a
+    custom pooling head."""
+    trunk = getattr(visual, "trunk", None)
+    head = getattr(visual, "head", None)
+    return (trunk is not None and hasattr(trunk, "forward_features") and hasattr(trunk, "forward_head")
+            and hasattr(trunk, "num_prefix_tokens") and isinstance(head, nn.Sequential)
+            and "pool" not in dict(head.named_children()))
 
 
 @TEXT_TOWERS.register("pretrained_text")
@@ -530,6 +892,11 @@ class PretrainedTextTower(_Pretrained, TextTower):
         self.max_length = min(max_length or limit, limit)
         sigmoid = self.family in _SIGMOID_FAMILIES
         self.padding = ("max_length" if sigmoid else "longest") if padding == "auto" else padding
+        if self.source.kind == "open_clip":  # its position embedding is added whole: one length
+            if self.max_length != limit or padding not in ("auto", "max_length"):
+                raise ConfigError(f"pretrained_text: an open_clip text tower reads exactly its context length "
+                                  f"({limit}): max_length must be null or {limit}, padding auto or max_length")
+            self.padding = "max_length"
         if self.source.kind == "hf":
             self.input_names = tuple(n for n in inspect.signature(self.model.get_text_features).parameters
                                      if n in ("input_ids", "attention_mask", "position_ids"))
@@ -554,7 +921,8 @@ class PretrainedTextTower(_Pretrained, TextTower):
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Strings -> the model's inputs ``(B, L)``, tokenized as the model was trained."""
         if self.source.kind == "open_clip":
-            return {"input_ids": self.tokenizer(list(texts))}
+            ids = self.tokenizer(list(texts))  # (B, context_length), padded as the model was trained
+            return {"input_ids": ids, "attention_mask": open_clip_mask(ids, self.tokenizer)}
         enc = self.tokenizer(list(texts), padding=self.padding, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         return dict(enc)
@@ -562,16 +930,7 @@ class PretrainedTextTower(_Pretrained, TextTower):
     def forward(self, batch: dict[str, torch.Tensor]) -> TowerOutput:
         device = next(self.model.parameters()).device
         if self.source.kind == "open_clip":
-            ids = batch["input_ids"].to(device)
-            with _capture_output(getattr(self.model, "ln_final", None)) as seen:
-                pooled = self.model.encode_text(ids)
-            tokens = _hidden(seen)
-            proj = getattr(self.model, "text_projection", None)
-            if tokens is None:
-                tokens = pooled[:, None]  # (B, 1, E) a text tower without per-token states
-            elif tokens.shape[-1] != pooled.shape[-1] and isinstance(proj, torch.Tensor):
-                tokens = tokens @ proj  # (B, L, E)
-            return TowerOutput(tokens=tokens, pooled=pooled, mask=None)
+            return self._open_clip(batch, device)
         inputs = {k: v.to(device) for k, v in batch.items() if k in self.input_names}
         out = self.model.get_text_features(**inputs)
         if torch.is_tensor(out):  # transformers 4.x
@@ -582,6 +941,48 @@ class PretrainedTextTower(_Pretrained, TextTower):
             tokens = proj(tokens)  # (B, L, E)
         mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else None
         return TowerOutput(tokens=tokens, pooled=out.pooler_output, mask=mask)
+
+    def _open_clip(self, batch: dict[str, torch.Tensor], device: torch.device) -> TowerOutput:
+        """OpenCLIP's ``encode_text``; tokens: the final-norm states of every position (a forward
+        hook on ``ln_final``, or a custom text tower's ``output_tokens``), projected as the pooled
+        vector; mask: the tokenizer's real tokens (through the end-of-text token)."""
+        ids = batch["input_ids"].to(device)
+        text = getattr(self.model, "text", None)
+        if text is not None and hasattr(text, "output_tokens"):  # CustomTextCLIP's TextTransformer
+            text.output_tokens = True
+            try:
+                out = text(ids)
+            finally:
+                text.output_tokens = False
+            pooled, tokens = out if isinstance(out, tuple) else (out, None)
+            proj = getattr(text, "text_projection", None)  # TextTransformer; HFTextEncoder: proj
+            proj = getattr(text, "proj", None) if proj is None else proj
+        else:
+            with _capture_output(getattr(self.model, "ln_final", None)) as seen:
+                pooled = self.model.encode_text(ids)
+            tokens, proj = _hidden(seen), getattr(self.model, "text_projection", None)
+        if tokens is not None and tokens.dim() == 3 and tokens.shape[-1] != pooled.shape[-1] and proj is not None:
+            tokens = proj(tokens) if isinstance(proj, nn.Module) else tokens @ proj  # (B, L, E)
+        if tokens is None or tokens.dim() != 3 or tokens.shape[-1] != pooled.shape[-1]:
+            tokens = pooled[:, None]  # (B, 1, E) a text tower without per-token states in the embedding space
+        mask = batch.get("attention_mask")
+        if mask is not None and tokens.shape[1] == mask.shape[1]:
+            mask = mask.to(device).bool()
+        else:
+            mask = None
+        return TowerOutput(tokens=tokens, pooled=pooled, mask=mask)
+
+
+def open_clip_mask(ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """``(B, L)`` True on an OpenCLIP tokenizer's real tokens: through the first end-of-text token
+    (``SimpleTokenizer``, which pads with 0), else where the id is not the pad id."""
+    eot = getattr(tokenizer, "eot_token_id", None)
+    if eot is not None:
+        is_eot = ids == eot  # (B, L)
+        last = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), ids.shape[1] - 1)  # (B,)
+        return torch.arange(ids.shape[1], device=ids.device)[None] <= last[:, None]
+    pad = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None)
+    return ids != pad if pad is not None else torch.ones_like(ids, dtype=torch.bool)
 
 
 def _check_args(tower: str, **given: tuple[Any, Any]) -> None:
@@ -625,6 +1026,8 @@ def _hidden(seen: list) -> torch.Tensor | None:
     return hidden if hidden is not None else out[0]
 
 
-__all__ = ["ImagePreprocessing", "Loaded", "PretrainedImageTower", "PretrainedTextTower", "SOURCE_KINDS", "Source",
-           "check_digest", "embedding_dim", "hf_image_preprocessing", "keep_side", "load_source", "logit_terms",
-           "parse_source", "trained_loss", "weights_digest"]
+__all__ = ["ImagePreprocessing", "Loaded", "OPEN_CLIP_SCHEMAS", "PretrainedImageTower", "PretrainedTextTower",
+           "SOURCE_KINDS", "Source", "absolute_spec", "check_digest", "embedding_dim", "hf_image_preprocessing",
+           "keep_side", "load_source", "logit_terms", "open_clip_arch", "open_clip_dir_weights", "open_clip_mask",
+           "open_clip_preprocessing", "parse_source", "read_open_clip_state", "source_digest", "trained_loss",
+           "weights_digest"]

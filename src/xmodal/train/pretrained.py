@@ -14,7 +14,8 @@ The run folder::
 so every verb that takes a run takes it (``eval``, ``index``, ``search``, ``serve``,
 ``--first-stage``), and ``xmodal train RUN/config.yaml --out FT`` fine-tunes it (the towers'
 ``frozen`` flags and the optimiser from ``--config``). ``open_clip:`` sources are not copied:
-the run names the architecture and weights as given.
+the run names the architecture (a name or a model config JSON) and weights (a tag or a file) as
+given, local files pinned by their sha256.
 """
 from __future__ import annotations
 
@@ -39,12 +40,14 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretraine
 def copy_source(spec: str, folder: Path) -> tuple[str, str | None, Any]:
     """Load ``spec`` and write it into ``folder`` as a Hugging Face folder (``hf:`` sources);
     ``(spec of the copy, its weights' sha256, the loaded model)``. ``open_clip:`` sources are
-    loaded and named as they are (``(spec, None, loaded)``)."""
-    from ..models.pretrained import load_source, weights_digest
+    loaded and named as they are (local files by absolute path), pinned by the sha256 of their
+    weight file and model config when they are files (``(spec, sha256 or None, loaded)``; a hub
+    tag or repository is not pinned)."""
+    from ..models.pretrained import absolute_spec, load_source, source_digest, weights_digest
 
     loaded = load_source(spec, need="both")
     if loaded.source.kind != "hf":
-        return spec, None, loaded
+        return absolute_spec(loaded.source), source_digest(loaded.source), loaded
     tmp = folder.parent / f".tmp-{folder.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
