@@ -31,13 +31,20 @@ unchanged for unpadded inputs).
 so with ``k = smooth * s`` the pooled vector is ``v = s * E_p[x] + b`` where
 ``E_p[x] = sum_r e_r x_r / sum_r e_r`` and ``e_r = exp(k (x_r - x_ext))``; ``x_ext`` is the
 largest region value when ``k > 0`` (smallest otherwise), so no exponent is positive. The
-work per pair and channel is one pass over the regions (an exp and two multiply-adds),
-fused by :func:`torch.compile` into one C++/OpenMP loop on CPU (falling back to chunked
-eager ops), with the regions of an image kept in cache while all captions of a block pass.
+work per pair and channel is one pass over the regions (an exp and two multiply-adds).
+On CPU in float32 that pass is a hand-written C kernel (``kernels/adapt.c`` through
+:mod:`.adapt_native`: register-blocked channels, a float32-exact exponential cheaper than the
+library's, compiled at first use with ``-march=native``); elsewhere, or without a C compiler,
+it is fused by :func:`torch.compile` into one loop (falling back to chunked eager ops), with
+the regions of an image kept in cache while all captions of a block pass.
 The conditioning side's ``[gamma + 1, beta, unit vector]`` is part of its representation,
-computed once per caption (T2I) or image (I2T). ``fused="auto"`` compiles once a call is
-large enough to repay the seconds compilation costs (``AUTO_COMPILE_MIN_WORK``).
-Training goes through one custom autograd function for both directions (:class:`_AdaptScore`)
+computed once per caption (T2I) or image (I2T). ``fused``: ``auto`` (the C kernels where they
+apply, else :func:`torch.compile` once a call is large enough to repay the seconds compilation
+costs, ``AUTO_COMPILE_MIN_WORK``), ``native`` (the C kernels or an error saying why not),
+``compile`` or ``eager``.
+Training goes through one custom autograd function for both directions (:class:`_AdaptScore`;
+:class:`~.adapt_native.NativeAdaptScore` for the C kernels, which also skip pairs whose loss
+gradient is zero)
 that fuses the whole score, Fovea to cosine, with its analytic gradient (T2I:
 ``dE_p[x]/dk = Var_p[x]``, ``dE_p[x]/dx_r = p_r (1 + k (x_r - E_p[x]))``; I2T: the arg-max
 word's terms, see :func:`_i2t_train_bwd`): the forward keeps three ``(Ni, Nt, D)``

@@ -14,11 +14,14 @@
 #include <string.h>
 
 #define XM_EPS 1e-8f
+/* channels per register block: 16 floats, one AVX-512 register (two AVX2 ones) */
+#define XM_BLK 16
 
-/* e^y, |relative error| < 2e-7 (Cephes expf: y = n ln2 + f, degree-6 polynomial in f).
- * y is clamped to [-87, 88]: below, e^y < 2e-38, as good as 0 beside the extreme's e^0 = 1. */
+/* e^y for y <= 88, |relative error| < 2e-7 (Cephes expf: y = n ln2 + f, degree-6 polynomial
+ * in f). Every caller has y <= 0 (exponents shifted by the extreme token). y is clamped below
+ * at -87: e^-87 < 2e-38, as good as 0 beside the extreme's e^0 = 1. */
 static inline float xm_exp(float y) {
-    y = y < -87.0f ? -87.0f : (y > 88.0f ? 88.0f : y);
+    y = y > -87.0f ? y : -87.0f; /* one max instruction */
     float n = floorf(fmaf(y, 1.44269504088896341f, 0.5f));
     float f = fmaf(n, -0.693359375f, y); /* ln 2 in two parts (Cody-Waite): f is exact */
     f = fmaf(n, 2.12194440e-4f, f);
@@ -46,6 +49,36 @@ void xm_exp_array(const float *restrict y, float *restrict out, int64_t n) {
     for (int64_t j = 0; j < n; j++) out[j] = xm_exp(y[j]);
 }
 
+/* Channels [d0, d0 + nb) of one T2I pair: sums over the item's n tokens of e, e dl, e dl^2
+ * (dl = x - xe). With nb = XM_BLK (a constant after inlining) the accumulators stay in
+ * registers while the tokens stream past; only the tokens are loaded in the loop. */
+static inline __attribute__((always_inline)) void
+t2i_fwd_block(const float *restrict xi, int64_t n, int64_t D, int64_t d0, int64_t nb, const float *restrict kt,
+              const float *restrict xe, float *restrict z, float *restrict s1, float *restrict s2) {
+    float k[XM_BLK], c[XM_BLK], a0[XM_BLK], a1[XM_BLK], a2[XM_BLK];
+    for (int64_t b = 0; b < nb; b++) {
+        k[b] = kt[d0 + b];
+        c[b] = xe[d0 + b];
+        a0[b] = a1[b] = a2[b] = 0.0f;
+    }
+    for (int64_t r = 0; r < n; r++) {
+        const float *restrict xr = xi + r * D + d0;
+#pragma omp simd
+        for (int64_t b = 0; b < nb; b++) {
+            float dl = xr[b] - c[b];
+            float e = xm_exp(k[b] * dl);
+            a0[b] += e;
+            a1[b] += e * dl;
+            a2[b] += e * dl * dl;
+        }
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        z[d0 + b] = a0[b];
+        s1[d0 + b] = a1[b];
+        s2[d0 + b] = a2[b];
+    }
+}
+
 /* T2I forward: per pair (i, t) Z = sum_r e, M = E_p[x] = xe + sum e (x - xe) / Z,
  * VAR = Var_p[x]; v = scale M + shift; out = <v, unit> / |v|, nrm = |v|.
  * Z, M, VAR may be NULL (scoring without gradient). work: 4 D floats. */
@@ -62,19 +95,9 @@ void t2i_fwd(int64_t i0, int64_t i1, int64_t C, int64_t L, int64_t D, float smoo
             const float *restrict sc = scale + t * D, *restrict sh = shift + t * D, *restrict u = unit + t * D;
             for (int64_t d = 0; d < D; d++) kt[d] = smooth * sc[d];
             extremes(kt, xmax + i * D, xmin + i * D, xe, D);
-            memset(z, 0, D * sizeof(float));
-            memset(s1, 0, D * sizeof(float));
-            memset(s2, 0, D * sizeof(float));
-            for (int64_t r = 0; r < len[i]; r++) {
-                const float *restrict xr = xi + r * D;
-                for (int64_t d = 0; d < D; d++) {
-                    float dl = xr[d] - xe[d];
-                    float e = xm_exp(kt[d] * dl);
-                    z[d] += e;
-                    s1[d] += e * dl;
-                    s2[d] += e * dl * dl;
-                }
-            }
+            int64_t d0 = 0;
+            for (; d0 + XM_BLK <= D; d0 += XM_BLK) t2i_fwd_block(xi, len[i], D, d0, XM_BLK, kt, xe, z, s1, s2);
+            if (d0 < D) t2i_fwd_block(xi, len[i], D, d0, D - d0, kt, xe, z, s1, s2);
             float dot = 0.0f, nn = 0.0f;
             int64_t p = (i * C + t) * D;
 #pragma omp simd reduction(+ : dot, nn)
@@ -96,6 +119,25 @@ void t2i_fwd(int64_t i0, int64_t i1, int64_t C, int64_t L, int64_t D, float smoo
             out[i * C + t] = dot / n;
             nrm[i * C + t] = n;
         }
+    }
+}
+
+/* Channels [d0, d0 + nb) of one T2I pair's token gradient: gx_r += e_r (A + B x_r). */
+static inline __attribute__((always_inline)) void
+t2i_bwd_block(const float *restrict xi, float *restrict gxi, int64_t n, int64_t D, int64_t d0, int64_t nb,
+              const float *restrict kt, const float *restrict xe, const float *restrict A, const float *restrict B) {
+    float k[XM_BLK], c[XM_BLK], a[XM_BLK], bb[XM_BLK];
+    for (int64_t b = 0; b < nb; b++) {
+        k[b] = kt[d0 + b];
+        c[b] = xe[d0 + b];
+        a[b] = A[d0 + b];
+        bb[b] = B[d0 + b];
+    }
+    for (int64_t r = 0; r < n; r++) {
+        const float *restrict xr = xi + r * D + d0;
+        float *restrict gr = gxi + r * D + d0;
+#pragma omp simd
+        for (int64_t b = 0; b < nb; b++) gr[b] += xm_exp(k[b] * (xr[b] - c[b])) * (a[b] + bb[b] * xr[b]);
     }
 }
 
@@ -138,15 +180,51 @@ void t2i_bwd(int64_t i0, int64_t i1, int64_t C, int64_t L, int64_t D, float smoo
                 gsc[d] += gv * m[d];
                 gk[d] += gv * sc[d] * var[d];
             }
-            for (int64_t r = 0; r < len[i]; r++) {
-                const float *restrict xr = xi + r * D;
-                float *restrict gr = gxi + r * D;
-                for (int64_t d = 0; d < D; d++) {
-                    float e = xm_exp(kt[d] * (xr[d] - xe[d]));
-                    gr[d] += e * (A[d] + B[d] * xr[d]);
-                }
-            }
+            int64_t d0 = 0;
+            for (; d0 + XM_BLK <= D; d0 += XM_BLK) t2i_bwd_block(xi, gxi, len[i], D, d0, XM_BLK, kt, xe, A, B);
+            if (d0 < D) t2i_bwd_block(xi, gxi, len[i], D, d0, D - d0, kt, xe, A, B);
         }
+    }
+}
+
+/* Channels [d0, d0 + nb) of one I2T pair: Z, sum e dl and the max over words of
+ * e (w scale + shift) with its arg-max word (the first word starts them: an item has one). */
+static inline __attribute__((always_inline)) void
+i2t_fwd_block(const float *restrict wi, int64_t n, int64_t D, int64_t d0, int64_t nb, const float *restrict kt,
+              const float *restrict xe, const float *restrict sc, const float *restrict sh, float *restrict z,
+              float *restrict s1, float *restrict mx, int32_t *restrict am) {
+    float k[XM_BLK], c[XM_BLK], s[XM_BLK], h[XM_BLK], a0[XM_BLK], a1[XM_BLK], m[XM_BLK];
+    int32_t arg[XM_BLK];
+    for (int64_t b = 0; b < nb; b++) {
+        k[b] = kt[d0 + b];
+        c[b] = xe[d0 + b];
+        s[b] = sc[d0 + b];
+        h[b] = sh[d0 + b];
+        float w0 = wi[d0 + b], dl = w0 - c[b], e = xm_exp(k[b] * dl);
+        a0[b] = e;
+        a1[b] = e * dl;
+        m[b] = e * (w0 * s[b] + h[b]);
+        arg[b] = 0;
+    }
+    for (int64_t l = 1; l < n; l++) {
+        const float *restrict wl = wi + l * D + d0;
+#pragma omp simd
+        for (int64_t b = 0; b < nb; b++) {
+            float dl = wl[b] - c[b];
+            float e = xm_exp(k[b] * dl);
+            a0[b] += e;
+            a1[b] += e * dl;
+            float cand = e * (wl[b] * s[b] + h[b]);
+            int better = cand > m[b];
+            m[b] = better ? cand : m[b];
+            arg[b] = better ? (int32_t)l : arg[b];
+        }
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        z[d0 + b] = a0[b];
+        s1[d0 + b] = a1[b];
+        mx[d0 + b] = m[b];
+        am[d0 + b] = arg[b];
     }
 }
 
@@ -168,29 +246,9 @@ void i2t_fwd(int64_t i0, int64_t i1, int64_t C, int64_t L, int64_t D, float smoo
             const float *restrict sc = scale + t * D, *restrict sh = shift + t * D, *restrict u = unit + t * D;
             for (int64_t d = 0; d < D; d++) kt[d] = smooth * sc[d];
             extremes(kt, wmax + i * D, wmin + i * D, xe, D);
-#pragma omp simd
-            for (int64_t d = 0; d < D; d++) { /* the first word */
-                float dl = wi[d] - xe[d];
-                float e = xm_exp(kt[d] * dl);
-                z[d] = e;
-                s1[d] = e * dl;
-                mx[d] = e * (wi[d] * sc[d] + sh[d]);
-                am[d] = 0;
-            }
-            for (int64_t l = 1; l < len[i]; l++) {
-                const float *restrict wl = wi + l * D;
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) {
-                    float dl = wl[d] - xe[d];
-                    float e = xm_exp(kt[d] * dl);
-                    z[d] += e;
-                    s1[d] += e * dl;
-                    float cand = e * (wl[d] * sc[d] + sh[d]);
-                    int better = cand > mx[d];
-                    mx[d] = better ? cand : mx[d];
-                    am[d] = better ? (int32_t)l : am[d];
-                }
-            }
+            int64_t d0 = 0;
+            for (; d0 + XM_BLK <= D; d0 += XM_BLK) i2t_fwd_block(wi, len[i], D, d0, XM_BLK, kt, xe, sc, sh, z, s1, mx, am);
+            if (d0 < D) i2t_fwd_block(wi, len[i], D, d0, D - d0, kt, xe, sc, sh, z, s1, mx, am);
             float dot = 0.0f, nn = 0.0f;
             int64_t p = (i * C + t) * D;
 #pragma omp simd reduction(+ : dot, nn)
@@ -209,6 +267,24 @@ void i2t_fwd(int64_t i0, int64_t i1, int64_t C, int64_t L, int64_t D, float smoo
             out[i * C + t] = dot / n;
             nrm[i * C + t] = n;
         }
+    }
+}
+
+/* Channels [d0, d0 + nb) of one I2T pair's word gradient: gw_l -= c e_l. */
+static inline __attribute__((always_inline)) void
+i2t_bwd_block(const float *restrict wi, float *restrict gwi, int64_t n, int64_t D, int64_t d0, int64_t nb,
+              const float *restrict kt, const float *restrict xe, const float *restrict cc) {
+    float k[XM_BLK], x0[XM_BLK], c[XM_BLK];
+    for (int64_t b = 0; b < nb; b++) {
+        k[b] = kt[d0 + b];
+        x0[b] = xe[d0 + b];
+        c[b] = cc[d0 + b];
+    }
+    for (int64_t l = 0; l < n; l++) {
+        const float *restrict wl = wi + l * D + d0;
+        float *restrict gl = gwi + l * D + d0;
+#pragma omp simd
+        for (int64_t b = 0; b < nb; b++) gl[b] -= c[b] * xm_exp(k[b] * (wl[b] - x0[b]));
     }
 }
 
@@ -255,11 +331,9 @@ void i2t_bwd(int64_t i0, int64_t i1, int64_t C, int64_t L, int64_t D, float smoo
                 hit[d] = gpd * (kt[d] * astar + sc[d]);
             }
             for (int64_t d = 0; d < D; d++) gwi[arg[d] * D + d] += hit[d];
-            for (int64_t l = 0; l < len[i]; l++) {
-                const float *restrict wl = wi + l * D;
-                float *restrict gl = gwi + l * D;
-                for (int64_t d = 0; d < D; d++) gl[d] -= c[d] * xm_exp(kt[d] * (wl[d] - xe[d]));
-            }
+            int64_t d0 = 0;
+            for (; d0 + XM_BLK <= D; d0 += XM_BLK) i2t_bwd_block(wi, gwi, len[i], D, d0, XM_BLK, kt, xe, c);
+            if (d0 < D) i2t_bwd_block(wi, gwi, len[i], D, d0, D - d0, kt, xe, c);
         }
     }
 }
