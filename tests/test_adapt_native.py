@@ -76,6 +76,20 @@ def test_native_scores_equal_the_torch_kernels(direction):
     assert torch.allclose(got, want, atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_native_score_pairs_equal_the_score_matrix(direction):
+    img, txt = make_inputs(ni=9, nt=11, regions=4, length=7, dim=40, dtype=torch.float32, region_mask=False)
+    model = _model(direction, "native", dim=40).eval()
+    g = torch.Generator().manual_seed(2)
+    image_idx = torch.randint(0, 9, (60,), generator=g)  # owners with lists of different lengths
+    text_idx = torch.randint(0, 11, (60,), generator=g)
+    with torch.no_grad():
+        ir, tr = model.encode_image_reps(img), model.encode_text_reps(txt)
+        full = model.score(ir, tr)
+        got = model.score_pairs(ir, tr, image_idx, text_idx)
+    assert torch.allclose(got, full[image_idx, text_idx], atol=1e-6, rtol=0)
+
+
 def test_a_mask_that_is_not_a_prefix_uses_the_torch_kernels():
     tok = torch.randn(3, 4, 8)
     mask = torch.tensor([[True, False, True, True], [True, True, False, False], [True] * 4])

@@ -80,6 +80,8 @@ AUTO_COMPILE_MIN_WORK = 1 << 28
 #: the same bound for a training step: training repeats the step hundreds of times, so
 #: compiling (once per process) pays off from batches far smaller than one scoring call
 AUTO_COMPILE_MIN_TRAIN_WORK = 1 << 24
+#: pairs per group of re-ranking rows for the C kernels (only the group's tokens are gathered)
+NATIVE_ROW_PAIRS = 1 << 16
 #: Working set of one eager chunk: eager ops stream token-sized intermediates through memory
 #: several times, so chunks stay near the last-level cache.
 EAGER_CHUNK_BYTES = 16 << 20
@@ -840,11 +842,14 @@ class Adapt(FrozenTowers, PairScorer):
         tok_reps, vec_reps = (image_reps, text_reps) if t2i else (text_reps, image_reps)
         x_all, mask_all = tok_reps.tokens, tok_reps.mask
         length, d = x_all.shape[1], x_all.shape[2]
+        cond = vec_reps.tokens[:, 0]  # (N_other, 3D) conditioning, computed once per item
+        lengths = self._native_lengths(x_all, mask_all, cond)
+        if lengths is not None:
+            return self._score_pairs_native(x_all, mask_all, lengths, cond, owner, other)
         kernel = _K_T2I_ROWS if t2i else _K_I2T_ROWS
         compiled = self._compiled(len(ii) * length * d, kernel)
         per_pair = 4 * d * (8 if compiled else 3 * length)
         out = torch.empty(len(ii), dtype=x_all.dtype, device=self._device())
-        cond = vec_reps.tokens[:, 0]  # (N_other, 3D) conditioning, computed once per item
         smooth = torch.as_tensor(self.fovea.smooth, dtype=cond.dtype, device=cond.device)
         for owners, pairs, valid in _row_groups(owner, self._max_pairs(per_pair, compiled)):
             x = x_all[owners]  # (G, L, D)
@@ -852,6 +857,20 @@ class Adapt(FrozenTowers, PairScorer):
             xmax, xmin = _extremes(x, mask)
             per_pair_inputs = _K_ROWS_PREP(cond, other[pairs], xmax, xmin, smooth, compiled=compiled)
             scores = kernel(x, _bias(mask, x), *per_pair_inputs, compiled=compiled)
+            out[pairs[valid]] = scores[valid]
+        return out
+
+    def _score_pairs_native(self, x_all, mask_all, lengths, cond, owner, other) -> torch.Tensor:
+        """:meth:`score_pairs` through the C kernels: each owner's tokens against its own list
+        of conditioning rows (``idx``), groups of owners of similar list length at a time."""
+        scale, shift, unit = (t.contiguous() for t in self._split(cond))
+        out = torch.empty(len(owner), dtype=x_all.dtype, device=self._device())
+        for owners, pairs, valid in _row_groups(owner, NATIVE_ROW_PAIRS):
+            x = x_all[owners].contiguous()  # (G, L, D)
+            xmax, xmin = _extremes(x, None if mask_all is None else mask_all[owners])
+            scores = adapt_native.fovea_forward(self.direction, x, lengths[owners].contiguous(), xmax, xmin,
+                                                scale, shift, unit, float(self.fovea.smooth), stats=False,
+                                                idx=other[pairs])[0]  # (G, T)
             out[pairs[valid]] = scores[valid]
         return out
 

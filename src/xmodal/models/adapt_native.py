@@ -26,8 +26,8 @@ from . import native
 _I64, _F = ctypes.c_int64, ctypes.c_float
 _P = ctypes.c_void_p
 _SIGNATURES = {
-    "t2i_fwd": [_I64] * 5 + [_F] + [_P] * 13,
-    "i2t_fwd": [_I64] * 5 + [_F] + [_P] * 13,
+    "t2i_fwd": [_I64] * 5 + [_F] + [_P] * 14,
+    "i2t_fwd": [_I64] * 5 + [_F] + [_P] * 14,
     "t2i_bwd": [_I64] * 5 + [_F] + [_P] * 16,
     "i2t_bwd": [_I64] * 5 + [_F] + [_P] * 16,
     "xm_exp_array": [_P, _P, _I64],
@@ -92,12 +92,15 @@ def _ranges(lengths: torch.Tensor) -> list[tuple[int, int]]:
 
 def fovea_forward(direction: str, tok: torch.Tensor, lengths: torch.Tensor, tmax: torch.Tensor,
                   tmin: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, unit: torch.Tensor,
-                  smooth: float, stats: bool) -> list[torch.Tensor | None]:
+                  smooth: float, stats: bool, idx: torch.Tensor | None = None) -> list[torch.Tensor | None]:
     """Scores and ``|v|`` ``(N, C)`` of every token item against every condition row, and
-    with ``stats`` the three ``(N, C, D)`` statistics the backward needs."""
+    with ``stats`` the three ``(N, C, D)`` statistics the backward needs. With ``idx``
+    ``(N, C)`` (int64) item ``i`` is scored against rows ``idx[i]`` only (re-ranking lists)."""
     lib = require()
     n, length, dim = tok.shape
-    c = scale.shape[0]
+    c = scale.shape[0] if idx is None else idx.shape[1]
+    if idx is not None:
+        idx = idx.to(torch.int64).contiguous()
     out, nrm = tok.new_empty(n, c), tok.new_empty(n, c)
     kept: list[torch.Tensor | None] = [None, None, None]
     if stats:
@@ -106,7 +109,7 @@ def fovea_forward(direction: str, tok: torch.Tensor, lengths: torch.Tensor, tmax
     ranges = _ranges(lengths)
     works = [tok.new_empty(_WORK * dim) for _ in ranges]
     fn = lib.t2i_fwd if direction == "t2i" else lib.i2t_fwd
-    args = [native.ptr(a) for a in (tok, lengths, tmax, tmin, scale, shift, unit, out, nrm, *kept)]
+    args = [native.ptr(a) for a in (tok, lengths, tmax, tmin, scale, shift, unit, idx, out, nrm, *kept)]
 
     def run(i0: int, i1: int, part: int) -> None:
         fn(i0, i1, c, length, dim, smooth, *args, native.ptr(works[part]))

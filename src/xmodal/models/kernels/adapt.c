@@ -81,18 +81,20 @@ t2i_fwd_block(const float *restrict xi, int64_t n, int64_t D, int64_t d0, int64_
 
 /* T2I forward: per pair (i, t) Z = sum_r e, M = E_p[x] = xe + sum e (x - xe) / Z,
  * VAR = Var_p[x]; v = scale M + shift; out = <v, unit> / |v|, nrm = |v|.
- * Z, M, VAR may be NULL (scoring without gradient). work: 4 D floats. */
+ * Z, M, VAR may be NULL (scoring without gradient). idx (N, C) int64, or NULL: item i's
+ * t-th pair is with condition row idx[i, t] (re-ranking lists) instead of row t. work: 5 D floats. */
 void t2i_fwd(int64_t i0, int64_t i1, int64_t C, int64_t L, int64_t D, float smooth,
              const float *restrict x, const int32_t *restrict len, const float *restrict xmax,
              const float *restrict xmin, const float *restrict scale, const float *restrict shift,
-             const float *restrict unit, float *restrict out, float *restrict nrm, float *restrict Z,
-             float *restrict M, float *restrict VAR, float *restrict work) {
+             const float *restrict unit, const int64_t *restrict idx, float *restrict out, float *restrict nrm,
+             float *restrict Z, float *restrict M, float *restrict VAR, float *restrict work) {
     float *restrict xe = work, *restrict z = work + D, *restrict s1 = work + 2 * D, *restrict s2 = work + 3 * D;
     float *restrict kt = work + 4 * D;
     for (int64_t i = i0; i < i1; i++) {
         const float *xi = x + i * L * D;
         for (int64_t t = 0; t < C; t++) {
-            const float *restrict sc = scale + t * D, *restrict sh = shift + t * D, *restrict u = unit + t * D;
+            const int64_t row = idx ? idx[i * C + t] : t; /* the condition row of pair (i, t) */
+            const float *restrict sc = scale + row * D, *restrict sh = shift + row * D, *restrict u = unit + row * D;
             for (int64_t d = 0; d < D; d++) kt[d] = smooth * sc[d];
             extremes(kt, xmax + i * D, xmin + i * D, xe, D);
             int64_t d0 = 0;
@@ -230,20 +232,22 @@ i2t_fwd_block(const float *restrict wi, int64_t n, int64_t D, int64_t d0, int64_
 
 /* I2T forward: tokens are words, conditions images. Per pair: Z = sum_l e, EX = E_p[w],
  * the max over words of e (w scale + shift) (the Fovea value before / Z) and its arg-max
- * word per channel ARG; v = max / Z, out = <v, unit> / |v|. Z, EX, ARG may be NULL.
+ * word per channel ARG; v = max / Z, out = <v, unit> / |v|. Z, EX, ARG may be NULL;
+ * idx as in t2i_fwd.
  * work: 5 D floats + D int32. */
 void i2t_fwd(int64_t i0, int64_t i1, int64_t C, int64_t L, int64_t D, float smooth,
              const float *restrict w, const int32_t *restrict len, const float *restrict wmax,
              const float *restrict wmin, const float *restrict scale, const float *restrict shift,
-             const float *restrict unit, float *restrict out, float *restrict nrm, float *restrict Z,
-             float *restrict EX, int32_t *restrict ARG, float *restrict work) {
+             const float *restrict unit, const int64_t *restrict idx, float *restrict out, float *restrict nrm,
+             float *restrict Z, float *restrict EX, int32_t *restrict ARG, float *restrict work) {
     float *restrict xe = work, *restrict z = work + D, *restrict s1 = work + 2 * D, *restrict mx = work + 3 * D;
     float *restrict kt = work + 4 * D;
     int32_t *restrict am = (int32_t *)(work + 5 * D);
     for (int64_t i = i0; i < i1; i++) {
         const float *wi = w + i * L * D;
         for (int64_t t = 0; t < C; t++) {
-            const float *restrict sc = scale + t * D, *restrict sh = shift + t * D, *restrict u = unit + t * D;
+            const int64_t row = idx ? idx[i * C + t] : t; /* the condition row of pair (i, t) */
+            const float *restrict sc = scale + row * D, *restrict sh = shift + row * D, *restrict u = unit + row * D;
             for (int64_t d = 0; d < D; d++) kt[d] = smooth * sc[d];
             extremes(kt, wmax + i * D, wmin + i * D, xe, D);
             int64_t d0 = 0;
