@@ -9,6 +9,7 @@ patch tokens of the region models are exercised on them.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from pretrained_fixtures import PATCH, IMAGE, write_tiny_clip, write_tiny_siglip  # noqa: E402
 
 from xmodal.cli import main  # noqa: E402
+from xmodal.config import load_config  # noqa: E402
 from xmodal.errors import ConfigError, XmodalError  # noqa: E402
 
 FAMILIES = ("clip", "siglip")
@@ -285,6 +287,21 @@ def test_finetune_both_towers_from_the_models_own_temperature(runs, tmp_path):
     with torch.no_grad():
         emb = tuned.model.encode_text(TEXTS)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(TEXTS)))
+
+
+def test_finetune_in_bf16_autocast_on_cpu(runs, tmp_path, caplog):
+    from xmodal.train.loop import _amp_setup
+
+    cfg = load_config(str(runs["clip"] / "config.yaml"), ["train.amp=bf16"])
+    assert _amp_setup(cfg, torch.device("cpu"), {}, tmp_path)[1:] == (True, torch.bfloat16)
+    cfg16 = load_config(str(runs["clip"] / "config.yaml"), ["train.amp=fp16"])
+    assert _amp_setup(cfg16, torch.device("cpu"), {}, tmp_path)[:2] == (None, False)
+    assert "needs a CUDA device" in caplog.text
+    ft = tmp_path / "ft16"
+    assert main(["train", str(runs["clip"] / "config.yaml"), "--out", str(ft), "model.image.frozen=false",
+                 "train.amp=bf16", *_SHORT, "--no-progress"]) == 0
+    steps = [r for r in _train_log(ft) if r["kind"] == "train"]
+    assert steps and all(math.isfinite(r["loss"]) for r in steps)
 
 
 def test_locked_image_siglip_keeps_its_sigmoid_loss(runs, tmp_path):

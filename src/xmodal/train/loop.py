@@ -359,7 +359,10 @@ def _amp_setup(cfg: C.Config, device: torch.device, state: dict[str, Any],
     amp = cfg.train.amp
     if amp not in AMP_MODES:
         raise ConfigError(f"train.amp: expected none, bf16 or fp16, got {amp!r}")
-    use_amp = amp != "none" and device.type == "cuda"
+    # bf16 autocast runs on CPU too (oneDNN bf16 matmuls); fp16 autocast needs a GPU
+    use_amp = amp != "none" and (device.type == "cuda" or amp == "bf16")
+    if amp == "fp16" and device.type != "cuda":
+        log.warning("train.amp=fp16 needs a CUDA device; training on %s in float32 (bf16 works on CPU)", device.type)
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp == "fp16" else None
     restore_grad_scaler(scaler, state.pop("grad_scaler", None), run_dir)
     amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
