@@ -934,7 +934,7 @@ class AdaptArgs:
     region_act: Literal["leaky_relu", "none"] = "leaky_relu"
     region_l2norm: bool = True
     word_l2norm: bool = True
-    fused: Literal["auto", "compile", "eager"] = "auto"
+    fused: Literal["auto", "native", "compile", "eager"] = "auto"
     chunk_mb: float = 256.0
     #: run folders of separately trained ADAPT models (``variant: ens`` only)
     members: list[str] | None = None
