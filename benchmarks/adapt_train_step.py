@@ -5,8 +5,10 @@ Each direction is timed, in the same run on the same inputs, through:
 - ``autograd``: the reference, autograd over the original computation (adapt every caption's
   or image's tokens, Fovea softmax, mean / max, cosine), over chunks of the conditioning side
   that are recomputed in backward (``torch.utils.checkpoint``) so memory stays bounded;
-- ``fused``: the model's training path, ``_AdaptScore`` (analytic gradient, fused kernels,
-  tokens trimmed to each chunk's longest item);
+- ``fused``: the model's training path (``model.args.fused``, default ``auto``: the C kernels,
+  ``NativeAdaptScore``, where they apply; else ``_AdaptScore``'s torch.compile'd kernels);
+- ``other``: with ``--compare-fused MODE``, the same model with ``fused: MODE`` (``compile``:
+  the torch.compile'd kernels the C kernels replace);
 - ``rev``: with ``--compare-rev REV``, the training path of ``src/xmodal/models/adapt.py`` at
   git revision ``REV`` (e.g. the code before this benchmark's last change), same inputs.
 
@@ -151,13 +153,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_direction(direction: str, data, dim: int, in_dims, args, rev_mod) -> dict:
-    kw = {"fused": "eager" if args.dry_run else args.fused}
+    kw = {"fused": args.fused}  # dry run: tiny shapes stay under the compile threshold
     impls: dict[str, tuple[torch.nn.Module, Callable]] = {}
     if not args.no_autograd:
         ref = make_model(Adapt, direction, dim, in_dims, **kw)
         impls["autograd"] = (ref, lambda i, t: autograd_score(ref, i, t, args.ref_chunk))
     ours = make_model(Adapt, direction, dim, in_dims, **kw)
     impls["fused"] = (ours, ours.score)
+    if args.compare_fused:
+        other = make_model(Adapt, direction, dim, in_dims, fused=args.compare_fused)
+        impls["other"] = (other, other.score)
     if rev_mod is not None:
         old = make_model(rev_mod.Adapt, direction, dim, in_dims, **kw)
         old.load_state_dict(ours.state_dict())
@@ -186,8 +191,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--ref-chunk", type=int, default=8, help="conditioning rows per checkpointed autograd chunk")
     p.add_argument("--fused", default="auto", choices=["auto", "native", "compile", "eager"], help="model.args.fused")
     p.add_argument("--compare-rev", default=None, help="also time adapt.py at this git revision")
+    p.add_argument("--compare-fused", default=None, choices=["native", "compile", "eager"],
+                   help="also time the training path with this model.args.fused (e.g. compile: torch.compile'd kernels)")
     p.add_argument("--no-autograd", action="store_true", help="skip the (slow) reference: fused (and rev) only")
-    p.add_argument("--dry-run", action="store_true", help="tiny shapes, eager kernels, one step each")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes, one step each (C kernels, or eager torch ops below the compile threshold)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.dry_run:
@@ -208,6 +215,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [bench_direction(v, data, dim, in_dims, args, rev_mod) for v in args.variants.split(",")]
     ref = not args.no_autograd
     head = f"{'variant':<8} {'fused (s)':>10}" + (f" {'autograd (s)':>12} {'speed-up':>9}" if ref else "")
+    if args.compare_fused:
+        head += f" {args.compare_fused + ' (s)':>12} {'vs it':>6}"
     if rev_mod is not None:
         head += f" {args.compare_rev + ' (s)':>14} {'vs rev':>7}"
     print(head + (f" {'max rel err':>12}" if ref else ""))
@@ -215,6 +224,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         line = f"{r['variant']:<8} {r['fused_s']:>10.3f}"
         if ref:
             line += f" {r['autograd_s']:>12.3f} {r['autograd_s'] / r['fused_s']:>8.1f}x"
+        if args.compare_fused:
+            line += f" {r['other_s']:>12.3f} {r['other_s'] / r['fused_s']:>5.1f}x"
         if rev_mod is not None:
             line += f" {r['rev_s']:>14.3f} {r['rev_s'] / r['fused_s']:>6.1f}x"
         print(line + (f" {r['max_rel_err']:>12.1e}" if ref else ""))

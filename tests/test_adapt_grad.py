@@ -157,10 +157,10 @@ def test_benchmark_dry_run():
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
-    rows = bench.main(["--dry-run"])
+    rows = bench.main(["--dry-run", "--compare-fused", "eager"])
     assert [r["variant"] for r in rows] == ["t2i", "i2t"]
     for r in rows:
-        assert r["autograd_s"] > 0 and r["fused_s"] > 0
+        assert r["autograd_s"] > 0 and r["fused_s"] > 0 and r["other_s"] > 0
         assert r["max_rel_err"] < 1e-4  # the fused path's scores and gradients are autograd's
 
 
