@@ -34,14 +34,50 @@ def test_stage_generators_and_runners_in_process(stage, tmp_path):
         assert res["sentences"] == p["sentences"] and res["output_bytes"] > 0
 
 
+@pytest.mark.parametrize("dry", [True, False])
+def test_the_tenth_size_is_a_tenth_of_the_work(dry):
+    """1/10 divides the workload's own axis only (for eval the captions, for corpus the sentences);
+    tenth-both also divides the images of eval / corpus (1/100 of the work)."""
+    scale = _module()
+    work = {"foodiml": lambda p: p["rows"], "recipe1m": lambda p: p["recipes"], "vectors": lambda p: p["n"],
+            "corpus": lambda p: p["sentences"] * p["images"], "eval": lambda p: p["images"] * p["captions"]}
+    for stage in scale.STAGES:
+        full, tenth = (scale.stage_size(stage, z, dry) for z in ("full", "tenth"))
+        assert work[stage](full) == 10 * work[stage](tenth), stage
+        assert {k: v for k, v in full.items() if k != scale.WORKLOAD_AXIS[stage]} == \
+            {k: v for k, v in tenth.items() if k != scale.WORKLOAD_AXIS[stage]}
+    for stage in ("eval", "corpus"):
+        assert work[stage](scale.stage_size(stage, "full", dry)) == 100 * work[stage](scale.stage_size(stage, "tenth-both", dry))
+    full = scale.stage_size("eval", "full", dry=False)
+    assert (full["images"], full["captions"]) == (100_000, 500_000)
+    assert scale.stage_size("eval", "tenth", dry=False)["captions"] == 50_000
+    assert scale.stage_size("vectors", "tenth", dry=False, full_n=1_000_000)["n"] == 100_000
+
+
+def test_ratios_use_extrapolated_seconds_and_the_both_axes_row():
+    scale = _module()
+    row = {"rc": 0, "cpu_s": 10.0, "peak_rss_mb": 100.0}
+    results = [{**row, "stage": "eval", "size": "tenth", "wall_s": 20.0, "result": {"seconds": 15.0}},
+               {**row, "stage": "eval", "size": "tenth-both", "wall_s": 4.0, "result": {"seconds": 1.5}},
+               {**row, "stage": "eval", "size": "full", "wall_s": 30.0, "cpu_s": 25.0,
+                "result": {"seconds": 20.0, "extrapolated_full_seconds": 150.0}}]
+    r = scale.ratios(results)["eval"]
+    assert r["time_ratio"] == 1.5 and r["cpu_ratio"] == 2.5 and r["work_ratio"] == 10.0 and r["extrapolated"]
+    assert r["time_ratio_vs_tenth_both"] == 7.5 and r["work_ratio_vs_tenth_both"] == 100.0
+
+
 def test_dry_run_measures_each_stage_in_a_subprocess(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--stages", "vectors,eval",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--sizes", "tenth,full,tenth-both", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "scale.json").read_text())
     got = {(r["stage"], r["size"]): r for r in report["results"]}
-    assert set(got) == {(s, z) for s in ("vectors", "eval") for z in ("tenth", "full")}
+    # tenth-both is skipped for one-axis stages (it would repeat tenth)
+    assert set(got) == {(s, z) for s in ("vectors", "eval") for z in ("tenth", "full")} | {("eval", "tenth-both")}
+    assert got[("eval", "tenth")]["result"]["evaluated_images"] == 400  # every image, 1/10 of the captions
+    assert got[("eval", "tenth-both")]["result"]["evaluated_images"] == 40
     for r in got.values():
         assert r["rc"] == 0 and r["wall_s"] > 0 and r["peak_rss_mb"] > 10 and r["peak_rss_mb"] >= r["peak_anon_mb"]
     vec = got[("vectors", "full")]["result"]
@@ -51,6 +87,7 @@ def test_dry_run_measures_each_stage_in_a_subprocess(tmp_path):
     assert "memory estimate" in proc.stdout  # printed before building
     assert "extrapolated_full_seconds" in got[("eval", "full")]["result"]
     assert set(report["ratios"]) == {"vectors", "eval"} and report["ratios"]["vectors"]["cpu_ratio"] > 0
+    assert report["ratios"]["eval"]["extrapolated"] and report["ratios"]["eval"]["work_ratio_vs_tenth_both"] > 0
 
 
 def test_bad_stage_is_an_argparse_error():

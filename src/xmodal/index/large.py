@@ -1,8 +1,11 @@
 """Turning an index folder into an ``ivfpq`` index that fits a memory budget.
 
-The vectors stay in the folder's ``vectors.npy`` (memory-mapped, streamed in blocks); only
-the compressed codes, ids and centroids are held in RAM. Behind ``xmodal index --backend ivfpq
---memory-budget 4GB``.
+The vectors stay in the folder's ``vectors.npy`` (memory-mapped, streamed in blocks of
+65,536 rows); only the compressed codes, ids and centroids are held in RAM. Each block's pages
+of the memory map are released once added, and the training sample is gathered in slices
+released the same way (:mod:`.pages`), so the process's RSS stays near the printed estimate
+instead of growing by the file's size. ``vectors.npy`` is not rewritten. Behind ``xmodal index
+--backend ivfpq --memory-budget 4GB``.
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ from ..progress import track
 from ..utils import atomic_write_json
 from . import faiss_backend  # noqa: F401  (registers flat / ivf / hnsw; FAISS itself is imported lazily)
 from .exact import BACKENDS, METRICS, Backend
+from .pages import gather_rows, release_rows
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +418,7 @@ class _Source:
                 yield s, pending[s - nc:e - nc]
             else:  # a block straddling the committed / added boundary
                 yield s, np.concatenate([committed[s:nc], pending[:e - nc]])  # (e - s, d)
+            release_rows(committed, s, min(e, nc))  # else a big memory map's pages pile up in RSS
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         ix = self._ix
@@ -424,7 +426,7 @@ class _Source:
         nc = ix._vectors.shape[0]
         out = np.empty((len(rows), self.dim), np.float32)
         old = rows < nc
-        out[old] = ix._vectors[rows[old]]
+        out[old] = gather_rows(ix._vectors, rows[old])  # a big memory map's pages are released
         if not old.all():
             out[~old] = ix._pending_array()[rows[~old] - nc]
         return out
@@ -906,7 +908,8 @@ class Index:
         if self._pending_cat is None:
             parts = self._pending_vecs or [np.zeros((0, self.dim), DTYPES[self.dtype])]
             self._pending_cat = parts[0] if len(parts) == 1 else np.concatenate(parts)  # (n_new, d)
-            self._pending_vecs = [self._pending_cat]
+            # nothing pending stays [] (else commit would think rows were added and rewrite vectors.npy)
+            self._pending_vecs = [self._pending_cat] if self._pending_vecs else []
         return self._pending_cat
 
     def _sync_backend(self) -> None:
