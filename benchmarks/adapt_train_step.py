@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from xmodal.losses import create_loss  # noqa: E402
+from xmodal.models import adapt_native  # noqa: E402
 from xmodal.models.adapt import Adapt  # noqa: E402
 from xmodal.models.base import TowerOutput  # noqa: E402
 
@@ -152,6 +153,37 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+def kernel_floor(n_tok: int, length: int, n_cond: int, dim: int) -> dict:
+    """The T2I passes of the C kernels alone against the exponential alone, same run: the
+    forward and backward over ``n_tok x n_cond`` pairs of ``length x dim`` tokens (every pair
+    with gradient), and the kernels' ``exp`` over an L2-sized array on one thread."""
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randn(n_tok, length, dim, generator=g)
+    scale, shift = 1 + 0.3 * torch.randn(n_cond, dim, generator=g), 0.1 * torch.randn(n_cond, dim, generator=g)
+    unit = F.normalize(torch.randn(n_cond, dim, generator=g), dim=-1)
+    lengths = adapt_native.lengths_of(None, tok)
+    tmax, tmin = tok.amax(1), tok.amin(1)
+    args = (tok, lengths, tmax, tmin, scale, shift, unit, 10.0)
+    fwd = min(_timed(lambda: adapt_native.fovea_forward("t2i", *args, stats=True)) for _ in range(3))
+    out, nrm, *stats = adapt_native.fovea_forward("t2i", *args, stats=True)
+    grad = torch.randn(n_tok, n_cond, generator=g)
+    bwd = min(_timed(lambda: adapt_native.fovea_backward("t2i", *args, stats, nrm, out, grad)) for _ in range(3))
+    y = -10 * torch.rand(1 << 16, generator=g)  # 256 KB: the exponential's own rate, not memory's
+    reps = 64
+    one = min(_timed(lambda: [adapt_native.exp(y) for _ in range(reps)]) for _ in range(3))
+    elements = n_tok * n_cond * length * dim
+    exp_rate = reps * y.numel() / one * torch.get_num_threads()  # per thread, times the threads
+    return {"elements_per_pass": elements, "forward_s": fwd, "backward_s": bwd,
+            "forward_rate": elements / fwd, "backward_rate": elements / bwd, "exp_rate_all_threads": exp_rate,
+            "two_exp_passes_s": 2 * elements / exp_rate}
+
+
+def _timed(fn: Callable) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def bench_direction(direction: str, data, dim: int, in_dims, args, rev_mod) -> dict:
     kw = {"fused": args.fused}  # dry run: tiny shapes stay under the compile threshold
     impls: dict[str, tuple[torch.nn.Module, Callable]] = {}
@@ -194,6 +226,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--compare-fused", default=None, choices=["native", "compile", "eager"],
                    help="also time the training path with this model.args.fused (e.g. compile: torch.compile'd kernels)")
     p.add_argument("--no-autograd", action="store_true", help="skip the (slow) reference: fused (and rev) only")
+    p.add_argument("--kernel-floor", action="store_true",
+                   help="also time the C kernels' T2I passes alone and their exponential alone (needs a C compiler)")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, one step each (C kernels, or eager torch ops below the compile threshold)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -229,9 +263,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if rev_mod is not None:
             line += f" {r['rev_s']:>14.3f} {r['rev_s'] / r['fused_s']:>6.1f}x"
         print(line + (f" {r['max_rel_err']:>12.1e}" if ref else ""))
+    floor = None
+    if args.kernel_floor:
+        floor = kernel_floor(img.tokens.shape[0], img.tokens.shape[1], txt.tokens.shape[0], dim)
+        print(f"T2I C kernels alone: {floor['elements_per_pass']:.2e} elements a pass; forward "
+              f"{floor['forward_s']:.3f} s ({floor['forward_rate']:.2e}/s), backward {floor['backward_s']:.3f} s "
+              f"({floor['backward_rate']:.2e}/s); their exp alone {floor['exp_rate_all_threads']:.2e}/s on "
+              f"{torch.get_num_threads()} threads: two exp passes take {floor['two_exp_passes_s']:.3f} s at least")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "threads": torch.get_num_threads(),
-                                               "load_end": os.getloadavg()[0]}, indent=1))
+                                               "kernel_floor": floor, "load_end": os.getloadavg()[0]}, indent=1))
     return rows
 
 

@@ -151,13 +151,19 @@ def test_training_step_is_deterministic(direction):
         assert torch.equal(x, y)
 
 
+def adapt_native_ok() -> bool:
+    from xmodal.models import adapt_native
+
+    return adapt_native.available()
+
+
 def test_benchmark_dry_run():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "adapt_train_step.py"
     spec = importlib.util.spec_from_file_location("adapt_train_step_bench", path)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
-    rows = bench.main(["--dry-run", "--compare-fused", "eager"])
+    rows = bench.main(["--dry-run", "--compare-fused", "eager"] + (["--kernel-floor"] if adapt_native_ok() else []))
     assert [r["variant"] for r in rows] == ["t2i", "i2t"]
     for r in rows:
         assert r["autograd_s"] > 0 and r["fused_s"] > 0 and r["other_s"] > 0
