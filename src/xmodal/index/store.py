@@ -37,7 +37,7 @@ from ..progress import track
 from ..utils import atomic_write_json
 from . import faiss_backend  # noqa: F401  (registers flat / ivf / hnsw; FAISS itself is imported lazily)
 from .exact import BACKENDS, METRICS, Backend
-from .pages import gather_rows, release_rows
+from .pages import gather_rows, npy_header, release_rows
 
 log = logging.getLogger(__name__)
 
@@ -290,24 +290,12 @@ def recover(folder: Path) -> bool:
 def _read_vectors(path: Path, manifest: dict[str, Any]) -> np.ndarray:
     """Memory-map ``vectors.npy`` after checking its header against the manifest."""
     count, dim, dtype = manifest["count"], manifest["dim"], DTYPES[manifest["dtype"]]
-    try:
-        with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran, file_dtype = np.lib.format.read_array_header_1_0(fh)
-            elif version == (2, 0):
-                shape, fortran, file_dtype = np.lib.format.read_array_header_2_0(fh)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
-            header_len = fh.tell()
-    except (OSError, ValueError) as e:
-        raise DataError(f"{where(path)}not a valid .npy file ({e})") from None
+    shape, file_dtype, header_len = npy_header(path)  # C order and numeric, or a DataError naming it
     if file_dtype != dtype:
         raise DataError(f"{where(path)}dtype {file_dtype} but {MANIFEST} says {manifest['dtype']} "
                         f"(vectors must be float32 or float16)")
-    if fortran or shape != (count, dim):
-        raise DataError(f"{where(path)}shape {shape}{' (Fortran order)' if fortran else ''}, "
-                        f"{MANIFEST} says ({count}, {dim})")
+    if shape != (count, dim):
+        raise DataError(f"{where(path)}shape {shape}, {MANIFEST} says ({count}, {dim})")
     expected = header_len + count * dim * dtype.itemsize
     if path.stat().st_size != expected:
         raise DataError(f"{where(path)}is {path.stat().st_size} bytes, a ({count}, {dim}) "
